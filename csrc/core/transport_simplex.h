@@ -1,0 +1,510 @@
+// Exact balanced optimal transport on a dense M x N cost matrix: a transportation simplex
+// (the network simplex specialised to the complete bipartite graph), one problem per call.
+// No torch, no allocation, no recursion: the same code runs in a CPU thread and a GPU thread.
+//
+// Problem:  min_F  sum_ij F_ij C_ij   s.t.  F >= 0,  sum_j F_ij = a_i,  sum_i F_ij = b_j.
+// Dual:     max    sum_i a_i u_i + sum_j b_j v_j   s.t.  u_i + v_j <= C_ij.
+//
+// A basis is a spanning tree of M + N - 1 cells over the M row nodes and N column nodes.
+// Each pivot: potentials from the tree (u_i + v_j = C_ij on basic cells), the entering cell
+// with the most negative reduced cost C_ij - u_i - v_j, the cycle it closes in the tree, and a
+// ratio test over the cycle's "minus" cells.
+//
+// Anti-cycling (degeneracy is the rule here: uniform weights make most problems degenerate):
+// Orden's perturbation, carried symbolically. Row supplies become a_i + eps and the last
+// column's demand b_{n-1} + n_rows * eps, so the perturbed problem is balanced. For strictly
+// positive weights every basis of the perturbed problem is non-degenerate: cutting a tree
+// cell splits the nodes in two, and the cell's flow is the supply minus the demand of one side,
+// whose eps-coefficient is (#rows on that side) - n_rows * [last column on that side]; it is
+// zero only when every row is on that side, and then the eps-free part is the demand of the
+// other side, a sum of positive weights. Every flow is kept as x + k*eps with an integer k and
+// compared lexicographically, so every ratio test has a unique, lexicographically positive
+// minimum, every pivot strictly decreases the perturbed objective, no basis repeats and the
+// method terminates. Rows and columns of zero weight are taken out before solving (their flow
+// is zero) and given valid duals afterwards. The max-iteration guard is a last line of defence
+// against floating-point pathologies; reaching it is reported, never silent.
+//
+// Tolerances: reduced costs are compared against 1e-12 * max|C|; flows whose eps-free part is
+// within 64 ulp of the total mass are snapped to exactly 0 so that near-ties become exact ties
+// resolved by the eps-coefficient. After the last pivot the basic flows are recomputed from the
+// tree and the unperturbed weights (leaf elimination), clamped at 0, so the marginals hold to
+// rounding.
+#pragma once
+
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+
+#if defined(__CUDACC__)
+#define BEMD_HD __host__ __device__
+#else
+#define BEMD_HD
+#endif
+
+namespace bert_emd {
+namespace core {
+
+enum EmdStatus : int32_t {
+  kOptimal = 0,
+  kMaxIterReached = 1,
+  kInvalidInput = 2,
+};
+
+// Scratch memory for one problem, carved by emd_workspace_layout() from a caller-provided
+// buffer (a per-thread vector on the CPU, a slice of a device buffer on the GPU).
+// K = M + N nodes; the compacted problem (zero-weight lines removed) has m + n <= K nodes.
+struct EmdWorkspace {
+  double* wa;      // [M]  active row weights (compacted)
+  double* wb;      // [N]  active column weights (compacted)
+  double* pot;     // [K]  node potentials: rows 0..m-1, then columns m..m+n-1
+  double* fx;      // [K]  eps-free part of each basic flow
+  double* rx;      // [K]  remaining supply/demand (initial allocation, final flows)
+  double* uo;      // [M]  duals by original row
+  double* vo;      // [N]  duals by original column
+  double* cl;      // [M*N] compacted costs, row-major m x n, in double
+  double* pen;     // [K]  Vogel penalty of each open line
+  int32_t* fk;     // [K]  eps-coefficient of each basic flow
+  int32_t* rk;     // [K]  eps-coefficient of the remaining supply/demand
+  int32_t* brow;   // [K]  basic cell: row (compacted index)
+  int32_t* bcol;   // [K]  basic cell: column (compacted index)
+  int32_t* ri;     // [M]  compacted row -> original row
+  int32_t* cj;     // [N]  compacted column -> original column
+  int32_t* adj0;   // [K+1] CSR offsets of the tree adjacency
+  int32_t* adj;    // [2K] incident basic cells
+  int32_t* parc;   // [K]  basic cell joining a node to its parent (-1 at the root)
+  int32_t* depth;  // [K]
+  int32_t* order;  // [K]  BFS order of the nodes
+  int32_t* path;   // [K]  scratch for the pivot cycle
+  int32_t* best1;  // [K]  cheapest open cross-line of each line (initial allocation)
+  int32_t* best2;  // [K]  second cheapest open cross-line (-1 if none)
+  int32_t* done;   // [K]  lines crossed out (initial allocation)
+};
+
+// One routine computes the layout so that size and binding can never disagree: with
+// mem == nullptr it only returns the byte count.
+BEMD_HD inline size_t emd_workspace_layout(void* mem, int M, int N, EmdWorkspace* w) {
+  const size_t K = size_t(M) + size_t(N);
+  char* base = static_cast<char*>(mem);
+  size_t off = 0;
+  auto take = [&](size_t bytes) -> char* {
+    char* ptr = base ? base + off : nullptr;
+    off += (bytes + 7) & ~size_t(7);
+    return ptr;
+  };
+  EmdWorkspace t;
+  t.wa = reinterpret_cast<double*>(take(sizeof(double) * M));
+  t.wb = reinterpret_cast<double*>(take(sizeof(double) * N));
+  t.pot = reinterpret_cast<double*>(take(sizeof(double) * K));
+  t.fx = reinterpret_cast<double*>(take(sizeof(double) * K));
+  t.rx = reinterpret_cast<double*>(take(sizeof(double) * K));
+  t.uo = reinterpret_cast<double*>(take(sizeof(double) * M));
+  t.vo = reinterpret_cast<double*>(take(sizeof(double) * N));
+  t.cl = reinterpret_cast<double*>(take(sizeof(double) * size_t(M) * size_t(N)));
+  t.pen = reinterpret_cast<double*>(take(sizeof(double) * K));
+  t.fk = reinterpret_cast<int32_t*>(take(sizeof(int32_t) * K));
+  t.rk = reinterpret_cast<int32_t*>(take(sizeof(int32_t) * K));
+  t.brow = reinterpret_cast<int32_t*>(take(sizeof(int32_t) * K));
+  t.bcol = reinterpret_cast<int32_t*>(take(sizeof(int32_t) * K));
+  t.ri = reinterpret_cast<int32_t*>(take(sizeof(int32_t) * M));
+  t.cj = reinterpret_cast<int32_t*>(take(sizeof(int32_t) * N));
+  t.adj0 = reinterpret_cast<int32_t*>(take(sizeof(int32_t) * (K + 1)));
+  t.adj = reinterpret_cast<int32_t*>(take(sizeof(int32_t) * 2 * K));
+  t.parc = reinterpret_cast<int32_t*>(take(sizeof(int32_t) * K));
+  t.depth = reinterpret_cast<int32_t*>(take(sizeof(int32_t) * K));
+  t.order = reinterpret_cast<int32_t*>(take(sizeof(int32_t) * K));
+  t.path = reinterpret_cast<int32_t*>(take(sizeof(int32_t) * K));
+  t.best1 = reinterpret_cast<int32_t*>(take(sizeof(int32_t) * K));
+  t.best2 = reinterpret_cast<int32_t*>(take(sizeof(int32_t) * K));
+  t.done = reinterpret_cast<int32_t*>(take(sizeof(int32_t) * K));
+  if (w) *w = t;
+  return off;
+}
+
+BEMD_HD inline size_t emd_workspace_bytes(int M, int N) {
+  return emd_workspace_layout(nullptr, M, N, nullptr);
+}
+
+BEMD_HD inline EmdWorkspace emd_workspace_bind(void* mem, int M, int N) {
+  EmdWorkspace w;
+  emd_workspace_layout(mem, M, N, &w);
+  return w;
+}
+
+// Lexicographic comparison of x1 + k1*eps against x2 + k2*eps, where eps-free parts within
+// `tol` of each other count as equal (they differ only by rounding of the input weights).
+BEMD_HD inline bool lex_less(double x1, int32_t k1, double x2, int32_t k2, double tol) {
+  return x1 < x2 - tol || (fabs(x1 - x2) <= tol && k1 < k2);
+}
+
+// x - y with rounding-level results snapped to exactly 0.
+BEMD_HD inline double snap_sub(double x, double y, double tol) {
+  const double d = x - y;
+  return fabs(d) <= tol ? 0.0 : d;
+}
+
+// Strided read-only view of one problem's inputs (element strides).
+template <typename T>
+struct EmdProblem {
+  const T* C;   // cost, C[i * cs0 + j * cs1]
+  int64_t cs0, cs1;
+  const T* a;   // row weights a[i * as], nullptr = uniform 1/M
+  int64_t as;
+  const T* b;   // column weights b[j * bs], nullptr = uniform 1/N
+  int64_t bs;
+  int M, N;
+};
+
+template <typename T>
+struct EmdOutput {
+  T* plan;      // [M, N] contiguous, fully written
+  T* u;         // [M]
+  T* v;         // [N]
+  T* value;     // scalar
+};
+
+template <typename T>
+BEMD_HD inline double emd_cost(const EmdProblem<T>& p, int i, int j) {
+  return double(p.C[i * p.cs0 + j * p.cs1]);
+}
+
+// Checks one problem's inputs. Returns 0 if valid, else a code:
+//  1 non-finite cost, 2 negative or non-finite a, 3 negative or non-finite b,
+//  4 zero total mass, 5 masses differ by more than rel_tol (relative).
+template <typename T>
+BEMD_HD inline int emd_check(const EmdProblem<T>& p, double rel_tol, double* sa_out, double* sb_out) {
+  for (int i = 0; i < p.M; ++i)
+    for (int j = 0; j < p.N; ++j) {
+      const double c = emd_cost(p, i, j);
+      if (!isfinite(c)) return 1;
+    }
+  double sa = 0.0, sb = 0.0;
+  if (p.a) {
+    for (int i = 0; i < p.M; ++i) {
+      const double x = double(p.a[i * p.as]);
+      if (!(x >= 0.0) || !isfinite(x)) return 2;
+      sa += x;
+    }
+  } else {
+    sa = 1.0;
+  }
+  if (p.b) {
+    for (int j = 0; j < p.N; ++j) {
+      const double x = double(p.b[j * p.bs]);
+      if (!(x >= 0.0) || !isfinite(x)) return 3;
+      sb += x;
+    }
+  } else {
+    sb = 1.0;
+  }
+  *sa_out = sa;
+  *sb_out = sb;
+  if (!(sa > 0.0) || !(sb > 0.0)) return 4;
+  if (fabs(sa - sb) > rel_tol * fmax(sa, sb)) return 5;
+  return 0;
+}
+
+// Spanning-tree bookkeeping: CSR adjacency of the basis, BFS from node 0 (the first row),
+// parent cells, depths, BFS order, and potentials (pot[row 0] = 0; u_i + v_j = C_ij on the tree).
+// O(m + n) per pivot; pricing (O(m n)) dominates at the sizes this solver is for.
+BEMD_HD inline void emd_build_tree(EmdWorkspace& w, int m, int n) {
+  const int K = m + n;
+  const int nb = K - 1;
+  const double* __restrict__ cl = w.cl;
+  const int32_t* __restrict__ brow = w.brow;
+  const int32_t* __restrict__ bcol = w.bcol;
+  int32_t* __restrict__ adj0 = w.adj0;
+  int32_t* __restrict__ adj = w.adj;
+  int32_t* __restrict__ depth = w.depth;
+  int32_t* __restrict__ parc = w.parc;
+  int32_t* __restrict__ order = w.order;
+  double* __restrict__ pot = w.pot;
+  for (int v = 0; v <= K; ++v) adj0[v] = 0;
+  for (int e = 0; e < nb; ++e) {
+    adj0[brow[e] + 1]++;
+    adj0[m + bcol[e] + 1]++;
+  }
+  for (int v = 0; v < K; ++v) adj0[v + 1] += adj0[v];
+  for (int v = 0; v < K; ++v) depth[v] = adj0[v];  // fill cursor, reset below
+  for (int e = 0; e < nb; ++e) {
+    adj[depth[brow[e]]++] = e;
+    adj[depth[m + bcol[e]]++] = e;
+  }
+  for (int v = 0; v < K; ++v) depth[v] = -1;
+  order[0] = 0;
+  depth[0] = 0;
+  parc[0] = -1;
+  pot[0] = 0.0;
+  int head = 0, tail = 1;
+  while (head < tail) {
+    const int v = order[head++];
+    for (int q = adj0[v]; q < adj0[v + 1]; ++q) {
+      const int e = adj[q];
+      const int r = brow[e], c = m + bcol[e];
+      const int other = (v == r) ? c : r;
+      if (depth[other] >= 0) continue;
+      depth[other] = depth[v] + 1;
+      parc[other] = e;
+      pot[other] = cl[r * n + bcol[e]] - pot[v];  // u_r + v_c = C_rc
+      order[tail++] = other;
+    }
+  }
+}
+
+// Cheapest and second-cheapest open cross-line of line `x` (rows 0..m-1, columns m..m+n-1),
+// and its Vogel penalty (difference of the two; the cost itself when only one is open).
+BEMD_HD inline void emd_vogel_line(EmdWorkspace& w, int m, int n, int x) {
+  const double* __restrict__ cl = w.cl;
+  const int32_t* __restrict__ done = w.done;
+  int b1 = -1, b2 = -1;
+  double c1 = 0.0, c2 = 0.0;
+  if (x < m) {
+    for (int j = 0; j < n; ++j) {
+      if (done[m + j]) continue;
+      const double c = cl[x * n + j];
+      if (b1 < 0 || c < c1) { b2 = b1; c2 = c1; b1 = j; c1 = c; }
+      else if (b2 < 0 || c < c2) { b2 = j; c2 = c; }
+    }
+  } else {
+    const int j = x - m;
+    for (int i = 0; i < m; ++i) {
+      if (done[i]) continue;
+      const double c = cl[i * n + j];
+      if (b1 < 0 || c < c1) { b2 = b1; c2 = c1; b1 = i; c1 = c; }
+      else if (b2 < 0 || c < c2) { b2 = i; c2 = c; }
+    }
+  }
+  w.best1[x] = b1;
+  w.best2[x] = b2;
+  w.pen[x] = b2 >= 0 ? c2 - c1 : c1;
+}
+
+// Initial basis by Vogel's approximation on the perturbed weights: take the open line with the
+// largest penalty, allocate to its cheapest open cell as much as the perturbed remainders allow,
+// cross out one line. Under the perturbation no allocation ties (every basis of the perturbed
+// problem is non-degenerate), so this yields exactly m + n - 1 cells with lexicographically
+// positive flows, usually close to optimal: few pivots remain.
+BEMD_HD inline void emd_initial_basis(EmdWorkspace& w, int m, int n, double ftol) {
+  const int K = m + n;
+  double* __restrict__ rx = w.rx;
+  int32_t* __restrict__ rk = w.rk;
+  int32_t* __restrict__ done = w.done;
+  for (int i = 0; i < m; ++i) { rx[i] = w.wa[i]; rk[i] = 1; }
+  for (int j = 0; j < n; ++j) { rx[m + j] = w.wb[j]; rk[m + j] = 0; }
+  rk[K - 1] = m;
+  for (int x = 0; x < K; ++x) done[x] = 0;
+  for (int x = 0; x < K; ++x) emd_vogel_line(w, m, n, x);
+  int rows_left = m, cols_left = n;
+  for (int e = 0; e < K - 1; ++e) {
+    int line = -1;
+    for (int x = 0; x < K; ++x)
+      if (!done[x] && (line < 0 || w.pen[x] > w.pen[line])) line = x;
+    int i, j;
+    if (line < m) { i = line; j = w.best1[line]; }
+    else { j = line - m; i = w.best1[line]; }
+    const int rj = m + j;
+    // allocate lexmin(remaining row, remaining column); on an exact tie (only possible for the
+    // last cell) cross the row while other rows are open
+    const bool row_smaller = lex_less(rx[i], rk[i], rx[rj], rk[rj], ftol) ||
+                             (!lex_less(rx[rj], rk[rj], rx[i], rk[i], ftol) && rows_left > 1);
+    const double x = row_smaller ? rx[i] : rx[rj];
+    const int32_t k = row_smaller ? rk[i] : rk[rj];
+    w.brow[e] = i;
+    w.bcol[e] = j;
+    w.fx[e] = x;
+    w.fk[e] = k;
+    rx[i] = snap_sub(rx[i], x, ftol); rk[i] -= k;
+    rx[rj] = snap_sub(rx[rj], x, ftol); rk[rj] -= k;
+    int closed;
+    if ((row_smaller && rows_left > 1) || cols_left == 1) { closed = i; --rows_left; }
+    else { closed = rj; --cols_left; }
+    done[closed] = 1;
+    if (rows_left == 0 || cols_left == 0) break;
+    // lines of the other kind whose two cheapest included the closed line look again
+    const int lo = closed < m ? m : 0, hi = closed < m ? K : m;
+    const int idx = closed < m ? closed : closed - m;
+    for (int y = lo; y < hi; ++y)
+      if (!done[y] && (w.best1[y] == idx || w.best2[y] == idx)) emd_vogel_line(w, m, n, y);
+  }
+}
+
+// Solves one problem. `max_iter` bounds the number of pivots. Returns an EmdStatus.
+// Inputs must have passed emd_check (sa, sb are its sums).
+template <typename T>
+BEMD_HD inline int emd_solve(const EmdProblem<T>& p, const EmdOutput<T>& out, EmdWorkspace& w,
+                             double sa, double sb, int64_t max_iter) {
+  const int M = p.M, N = p.N;
+  // --- weights: rescale b to the mass of a; drop zero (or sub-rounding) rows and columns
+  const double ftol = 64.0 * DBL_EPSILON * sa;
+  const double bscale = sa / sb;
+  int m = 0, n = 0;
+  for (int i = 0; i < M; ++i) {
+    const double x = p.a ? double(p.a[i * p.as]) : sa / M;
+    if (x > ftol) { w.ri[m] = i; w.wa[m] = x; ++m; }
+  }
+  for (int j = 0; j < N; ++j) {
+    const double x = (p.b ? double(p.b[j * p.bs]) : sb / N) * bscale;
+    if (x > ftol) { w.cj[n] = j; w.wb[n] = x; ++n; }
+  }
+  // Dropping sub-ftol weights can unbalance the masses by rounding amounts: absorb it.
+  {
+    double ta = 0.0, tb = 0.0;
+    for (int i = 0; i < m; ++i) ta += w.wa[i];
+    for (int j = 0; j < n; ++j) tb += w.wb[j];
+    const double s = ta / tb;
+    for (int j = 0; j < n; ++j) w.wb[j] *= s;
+  }
+  // compacted costs in double, contiguous: every later pass reads them many times
+  double cmax = 0.0;
+  for (int i = 0; i < m; ++i) {
+    const T* row = p.C + int64_t(w.ri[i]) * p.cs0;
+    double* dst = w.cl + i * n;
+    for (int j = 0; j < n; ++j) {
+      const double c = double(row[int64_t(w.cj[j]) * p.cs1]);
+      dst[j] = c;
+      cmax = fmax(cmax, fabs(c));
+    }
+  }
+  const double ctol = 1e-12 * cmax;
+  const int K = m + n;
+  const int nb = K - 1;
+
+  int status = kOptimal;
+  emd_initial_basis(w, m, n, ftol);
+  int64_t iter = 0;
+  const double* __restrict__ cl = w.cl;
+  double* __restrict__ pot = w.pot;
+  double* __restrict__ fx = w.fx;
+  int32_t* __restrict__ fk = w.fk;
+  int32_t* __restrict__ brow = w.brow;
+  int32_t* __restrict__ bcol = w.bcol;
+  int32_t* __restrict__ path = w.path;
+  for (;;) {
+    emd_build_tree(w, m, n);
+    // Pricing (Dantzig): the most negative reduced cost C_ij - u_i - v_j. The row minimum is a
+    // branch-free reduction the compiler vectorises; the argmin is looked up only in rows that
+    // improve on the best so far.
+    int ei = -1, ej = -1;
+    double best = -ctol;
+    const double* __restrict__ vcol = pot + m;
+    for (int i = 0; i < m; ++i) {
+      const double* __restrict__ crow = cl + i * n;
+      const double ui = pot[i];
+      double rmin = INFINITY;
+#if defined(_OPENMP) && !defined(__CUDA_ARCH__)
+#pragma omp simd reduction(min : rmin)
+#endif
+      for (int j = 0; j < n; ++j) {
+        const double rc = crow[j] - ui - vcol[j];
+        rmin = rc < rmin ? rc : rmin;
+      }
+      if (rmin < best) {
+        for (int j = 0; j < n; ++j)
+          if (crow[j] - ui - vcol[j] == rmin) { ej = j; break; }
+        best = rmin;
+        ei = i;
+      }
+    }
+    if (ei < 0) break;
+    if (iter >= max_iter) { status = kMaxIterReached; break; }
+    ++iter;
+    // Cycle: the tree path from row ei to column ej. Cells at even distance from either end
+    // (0, 2, ...) lose theta, the others gain it; the entering cell gains it.
+    int a = ei, b = m + ej;
+    int na = 0, nbp = 0;  // path[0..na) climbs from a, path[K-1], path[K-2], ... from b
+    while (a != b) {
+      if (w.depth[a] >= w.depth[b]) {
+        const int e = w.parc[a];
+        path[na++] = e;
+        a = (a < m) ? m + bcol[e] : brow[e];
+      } else {
+        const int e = w.parc[b];
+        path[K - 1 - nbp++] = e;
+        b = (b < m) ? m + bcol[e] : brow[e];
+      }
+    }
+    // ratio test: the lexicographically smallest "minus" flow leaves (unique, see top)
+    int leave = -1;
+    double tx = 0.0;
+    int32_t tk = 0;
+    for (int s = 0; s < na; s += 2) {
+      const int e = path[s];
+      if (leave < 0 || lex_less(fx[e], fk[e], tx, tk, ftol)) { leave = e; tx = fx[e]; tk = fk[e]; }
+    }
+    for (int s = 0; s < nbp; s += 2) {
+      const int e = path[K - 1 - s];
+      if (leave < 0 || lex_less(fx[e], fk[e], tx, tk, ftol)) { leave = e; tx = fx[e]; tk = fk[e]; }
+    }
+    for (int s = 0; s < na; ++s) {
+      const int e = path[s];
+      fx[e] = (s & 1) ? fx[e] + tx : snap_sub(fx[e], tx, ftol);
+      fk[e] += (s & 1) ? tk : -tk;
+    }
+    for (int s = 0; s < nbp; ++s) {
+      const int e = path[K - 1 - s];
+      fx[e] = (s & 1) ? fx[e] + tx : snap_sub(fx[e], tx, ftol);
+      fk[e] += (s & 1) ? tk : -tk;
+    }
+    brow[leave] = ei;
+    bcol[leave] = ej;
+    fx[leave] = tx;
+    fk[leave] = tk;
+  }
+  // (the tree is current: the loop exits right after building and pricing it)
+
+  // --- flows from the tree and the unperturbed weights: leaves first (reverse BFS order)
+  double* __restrict__ rx = w.rx;
+  for (int i = 0; i < m; ++i) rx[i] = w.wa[i];
+  for (int j = 0; j < n; ++j) rx[m + j] = w.wb[j];
+  for (int q = K - 1; q >= 1; --q) {
+    const int v = w.order[q];
+    const int e = w.parc[v];
+    const double f = rx[v];  // what v still has to send (row) or receive (column)
+    fx[e] = f;
+    rx[(v < m) ? m + bcol[e] : brow[e]] -= f;
+  }
+  for (int i = 0; i < M * N; ++i) out.plan[i] = T(0);
+  double value = 0.0;
+  for (int e = 0; e < nb; ++e) {
+    const double f = fx[e] > 0.0 ? fx[e] : 0.0;
+    out.plan[w.ri[brow[e]] * N + w.cj[bcol[e]]] = T(f);
+    value += f * cl[brow[e] * n + bcol[e]];
+  }
+  *out.value = T(value);
+
+  // --- duals. Active lines from the tree; dropped lines get the tightest feasible value
+  // (u_i = min_j C_ij - v_j over active columns, then v_j = min_i C_ij - u_i over all rows),
+  // so u_i + v_j <= C_ij holds everywhere and the centred duals are a valid gradient with
+  // respect to the weights, zero-weight bins included.
+  for (int i = 0; i < M; ++i) w.uo[i] = INFINITY;
+  for (int j = 0; j < N; ++j) w.vo[j] = INFINITY;
+  for (int i = 0; i < m; ++i) w.uo[w.ri[i]] = pot[i];
+  for (int j = 0; j < n; ++j) w.vo[w.cj[j]] = pot[m + j];
+  if (m < M) {
+    for (int i = 0; i < M; ++i) {
+      if (w.uo[i] != INFINITY) continue;
+      double ui = INFINITY;
+      for (int jj = 0; jj < n; ++jj) ui = fmin(ui, emd_cost(p, i, w.cj[jj]) - pot[m + jj]);
+      w.uo[i] = ui;
+    }
+  }
+  if (n < N) {
+    for (int j = 0; j < N; ++j) {
+      if (w.vo[j] != INFINITY) continue;
+      double vj = INFINITY;
+      for (int i = 0; i < M; ++i) vj = fmin(vj, emd_cost(p, i, j) - w.uo[i]);
+      w.vo[j] = vj;
+    }
+  }
+  // Centre as POT does: (u, v) -> (u + c, v - c) with c making sum a u = sum b v; the
+  // objective sum a u + sum b v is unchanged.
+  double au = 0.0, bv = 0.0;
+  for (int i = 0; i < M; ++i) au += (p.a ? double(p.a[i * p.as]) : sa / M) * w.uo[i];
+  for (int j = 0; j < N; ++j) bv += (p.b ? double(p.b[j * p.bs]) * bscale : sa / N) * w.vo[j];
+  const double c = (bv - au) / (2.0 * sa);
+  for (int i = 0; i < M; ++i) out.u[i] = T(w.uo[i] + c);
+  for (int j = 0; j < N; ++j) out.v[j] = T(w.vo[j] - c);
+  return status;
+}
+
+}  // namespace core
+}  // namespace bert_emd

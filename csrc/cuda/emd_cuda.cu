@@ -1,0 +1,121 @@
+// Exact EMD, CUDA kernel: one thread per problem, each running the same solver core
+// (csrc/core/transport_simplex.h, __host__ __device__) that the CPU kernel runs and that the C++
+// unit tests check. The problems are tiny (4x12 .. 24x48) and independent, so a thread per
+// problem with its scratch in a slice of one device buffer needs no synchronisation at all.
+//
+// Capacity: problems with M + N <= BERT_EMD_CUDA_MAX_NODES (256) are solved on the GPU. Larger
+// ones are solved by the CPU kernel (inputs copied to the host, results copied back) with a
+// warning: a single GPU thread walking a spanning tree of hundreds of nodes is slower than a
+// CPU core, and such problems are far from the BERT-EMD sizes.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <tuple>
+#include <vector>
+
+#include "../build_info.h"
+#include "../emd_common.h"
+
+namespace bert_emd {
+
+using EmdOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+template <typename T>
+__global__ void emd_exact_kernel(core::EmdBatch<T> bt, int64_t B, char* ws, size_t ws_stride) {
+  const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= B) return;
+  core::emd_batch_solve_one(bt, t, ws + t * ws_stride);
+}
+
+static EmdOutputs emd_exact_on_cpu(const at::Tensor& cost, const c10::optional<at::Tensor>& a,
+                                   const c10::optional<at::Tensor>& b, int64_t max_iter, bool validate) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("bert_emd::emd_exact", "")
+                       .typed<EmdOutputs(const at::Tensor&, const c10::optional<at::Tensor>&,
+                                         const c10::optional<at::Tensor>&, int64_t, bool)>();
+  auto to_cpu = [](const c10::optional<at::Tensor>& w) -> c10::optional<at::Tensor> {
+    if (!w.has_value() || !w->defined()) return c10::nullopt;
+    return w->cpu();
+  };
+  auto r = op.call(cost.cpu(), to_cpu(a), to_cpu(b), max_iter, validate);
+  const auto dev = cost.device();
+  return {std::get<0>(r).to(dev), std::get<1>(r).to(dev), std::get<2>(r).to(dev), std::get<3>(r).to(dev),
+          std::get<4>(r).to(dev)};
+}
+
+EmdOutputs emd_exact_cuda(const at::Tensor& cost_in, const c10::optional<at::Tensor>& a_in,
+                          const c10::optional<at::Tensor>& b_in, int64_t max_iter, bool validate) {
+  TORCH_CHECK_VALUE(cost_in.is_cuda(), "emd (cuda backend): cost must be a CUDA tensor, got ", cost_in.device());
+  TORCH_CHECK_VALUE(max_iter >= 0, "emd: max_iter must be >= 0, got ", max_iter);
+  const c10::cuda::CUDAGuard guard(cost_in.device());
+  EmdArgs args = emd_prepare(cost_in, a_in, b_in);
+  const int64_t B = args.B, M = args.M, N = args.N;
+  if (M + N > BERT_EMD_CUDA_MAX_NODES) {
+    TORCH_WARN_ONCE("emd: problems of size ", M, "x", N, " exceed the CUDA kernel's capacity (M + N <= ",
+                    BERT_EMD_CUDA_MAX_NODES, "); solving them with the CPU kernel");
+    return emd_exact_on_cpu(cost_in, a_in, b_in, max_iter, validate);
+  }
+  auto opts = cost_in.options();
+  at::Tensor value = at::empty({B}, opts);
+  at::Tensor plan = at::empty({B, M, N}, opts);
+  at::Tensor u = at::empty({B, M}, opts);
+  at::Tensor v = at::empty({B, N}, opts);
+  at::Tensor status = at::empty({B}, opts.dtype(at::kInt));
+  at::Tensor error = at::empty({B}, opts.dtype(at::kInt));
+  at::Tensor sums = at::empty({B, 2}, opts.dtype(at::kDouble));
+  if (B > 0) {
+    const size_t ws_stride = (core::emd_workspace_bytes(int(M), int(N)) + 15) & ~size_t(15);
+    at::Tensor ws = at::empty({int64_t(ws_stride) * B}, opts.dtype(at::kByte));
+    auto stream = c10::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES(cost_in.scalar_type(), "emd_exact_cuda", [&] {
+      core::EmdBatch<scalar_t> bt;
+      bt.C = args.cost.data_ptr<scalar_t>();
+      bt.cb = args.cost.stride(0); bt.c0 = args.cost.stride(1); bt.c1 = args.cost.stride(2);
+      bt.a = args.a.defined() ? args.a.data_ptr<scalar_t>() : nullptr;
+      bt.ab = args.a.defined() ? args.a.stride(0) : 0; bt.a0 = args.a.defined() ? args.a.stride(1) : 0;
+      bt.b = args.b.defined() ? args.b.data_ptr<scalar_t>() : nullptr;
+      bt.bb = args.b.defined() ? args.b.stride(0) : 0; bt.b0 = args.b.defined() ? args.b.stride(1) : 0;
+      bt.value = value.data_ptr<scalar_t>();
+      bt.plan = plan.data_ptr<scalar_t>();
+      bt.u = u.data_ptr<scalar_t>();
+      bt.v = v.data_ptr<scalar_t>();
+      bt.status = status.data_ptr<int32_t>();
+      bt.error = error.data_ptr<int32_t>();
+      bt.sums = sums.data_ptr<double>();
+      bt.M = int(M);
+      bt.N = int(N);
+      bt.max_iter = max_iter;
+      const int threads = 64;
+      const int64_t blocks = (B + threads - 1) / threads;
+      emd_exact_kernel<scalar_t><<<blocks, threads, 0, stream.stream()>>>(
+          bt, B, static_cast<char*>(ws.data_ptr()), ws_stride);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    if (validate) {  // one device-to-host copy: the price of a ValueError instead of NaNs
+      at::Tensor host = error.cpu();
+      const int32_t* e = host.data_ptr<int32_t>();
+      for (int64_t t = 0; t < B; ++t) {
+        if (e[t] != 0) {
+          at::Tensor s = sums[t].cpu();
+          emd_raise_invalid(t, e[t], s[0].item<double>(), s[1].item<double>(), B);
+        }
+      }
+    }
+  }
+  std::vector<int64_t> bm(args.batch), bn(args.batch), bmn(args.batch);
+  bm.push_back(M);
+  bn.push_back(N);
+  bmn.push_back(M);
+  bmn.push_back(N);
+  return {value.view(args.batch), plan.view(bmn), u.view(bm), v.view(bn), status.view(args.batch)};
+}
+
+TORCH_LIBRARY_IMPL(bert_emd, CUDA, m) { m.impl("emd_exact", &emd_exact_cuda); }
+
+}  // namespace bert_emd

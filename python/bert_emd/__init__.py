@@ -1,0 +1,16 @@
+"""bert-emd: layer-to-layer knowledge distillation with Earth Mover's Distance.
+
+Public ops (any device, autograd, torch.compile):
+  - :func:`emd` -- batched exact (or entropic) optimal transport with envelope gradients.
+  - :func:`layer_costs` -- fused teacher-student layer cost matrices.
+"""
+
+from __future__ import annotations
+
+from ._backends import BackendError
+from .ops.emd import EMDResult, EMDStatus, emd
+
+__version__ = "0.1.0"
+
+__all__ = ["BackendError", "EMDResult", "EMDStatus", "emd", "__version__"]
+

@@ -1,0 +1,110 @@
+"""The ``bert-emd`` command: ``info`` (what is built and usable here, and why the rest is not),
+``bench`` (kernel micro-benchmarks), and the training commands as they land."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.metadata as md
+import os
+import platform
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+BENCHES: dict[str, str] = {
+    "emd": "bench_emd",
+    "costs": "bench_layer_costs",
+    "sinkhorn": "bench_sinkhorn",
+    "distill-step": "bench_distill_step",
+}
+
+
+def _version(name: str) -> str:
+    try:
+        return md.version(name)
+    except md.PackageNotFoundError:
+        return "not installed"
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import __version__, _backends, _ext
+
+    print(f"bert-emd {__version__}")
+    print(f"  python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} CPUs")
+    print(f"  torch {torch.__version__} (CUDA build: {torch.version.cuda or 'no'}), "
+          f"triton {_version('triton')}, transformers {_version('transformers')}")
+    if _ext.has_extension():
+        info = _ext.build_info()
+        print(f"  bert_emd._C: built (CUDA kernels: {'yes' if info.get('cuda') == '1' else 'no'}, "
+              f"OpenMP: {'yes' if info.get('openmp') == '1' else 'no'}, "
+              f"CUDA EMD capacity M+N <= {info.get('cuda_max_nodes')})")
+    else:
+        print(f"  bert_emd._C: NOT built -- {_ext.extension_error()}")
+    print(f"  TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}")
+    devices = ["cpu"]
+    # Only here, on explicit request, is CUDA queried.
+    cuda = torch.cuda.is_available()
+    print(f"  CUDA device: {torch.cuda.get_device_name() if cuda else 'none visible'}")
+    if cuda:
+        devices.append("cuda")
+    for dev in devices:
+        print(f"\nbackends for {dev} tensors (auto picks the first usable in order):")
+        table = _backends.explain(dev)
+        for op, reasons in table.items():
+            order = _backends._OP_BACKENDS[op].get(dev, ())
+            auto = _backends.select(op, "auto", torch.device(dev))
+            print(f"  {op}: auto -> {auto}   (order: {', '.join(order)})")
+            for backend, why in reasons.items():
+                mark = "usable" if why is None else f"no: {why}"
+                print(f"      {backend:7s} {mark}")
+    return 0
+
+
+def _load_bench(name: str) -> Callable[[list[str]], int]:
+    """Import a benchmark script's ``main`` from the source tree's ``benchmarks/`` folder."""
+    module = BENCHES[name]
+    here = Path(__file__).resolve()
+    for root in [Path.cwd(), *here.parents]:
+        folder = root / "benchmarks"
+        if (folder / f"{module}.py").exists():
+            sys.path.insert(0, str(folder))
+            try:
+                return importlib.import_module(module).main
+            finally:
+                sys.path.remove(str(folder))
+    raise SystemExit(
+        f"bert-emd bench {name}: benchmarks/{module}.py not found; run from a source checkout of bert-emd"
+    )
+
+
+def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
+    return int(_load_bench(args.which)(rest) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bert-emd", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, built kernels, usable backends and why others are not")
+    b = sub.add_parser("bench", help="kernel micro-benchmarks (extra flags go to the script, e.g. --quick)")
+    b.add_argument("which", choices=sorted(BENCHES), help="which benchmark")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        return cmd_bench(args, rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "info":
+        return cmd_info(args)
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""``bert_emd.emd``: batched balanced optimal transport with envelope gradients.
+
+Registration (once for every backend):
+  * ``bert_emd::emd_exact`` -- schema in ``csrc/ops.cpp``, kernels for CPU (``csrc/cpu``) and
+    CUDA (``csrc/cuda``);
+  * ``bert_emd::emd_exact_torch`` -- the pure-Python reference as a ``torch.library.custom_op``
+    with the same signature;
+and one autograd rule (:func:`_setup_context`, :func:`_backward`) and one fake kernel
+(:func:`_fake`) attached to each, so every backend differentiates and traces identically.
+
+Gradients (envelope theorem: the optimal plan and duals are constants of the backward):
+  d value / d cost = plan,   d value / d a = u - mean(u),   d value / d b = v - mean(v).
+Centring the duals makes the gradient w.r.t. the weights tangent to the simplex.
+"""
+
+from __future__ import annotations
+
+import enum
+import warnings
+from typing import NamedTuple
+
+import torch
+
+from .. import _backends, _ext
+from ..reference.emd import emd_exact_reference
+
+__all__ = ["EMDResult", "EMDStatus", "emd", "default_max_iter"]
+
+
+class EMDStatus(enum.IntEnum):
+    """Per-problem outcome, as stored in :attr:`EMDResult.status` (int32)."""
+
+    OPTIMAL = 0  #: optimal (exact) / marginals within ``tol`` (sinkhorn)
+    MAX_ITER = 1  #: stopped at ``max_iter``: the plan is feasible but not proven optimal
+    INVALID = 2  #: invalid input, only reported when ``validate=False`` (outputs are NaN)
+
+
+class EMDResult(NamedTuple):
+    """Result of :func:`emd` for a batch shape ``[...]`` and problems of size ``M x N``."""
+
+    cost: torch.Tensor  #: [...] optimal transport cost sum(plan * cost), differentiable
+    plan: torch.Tensor  #: [..., M, N] transport plan (no gradient)
+    u: torch.Tensor  #: [..., M] row duals, centred as POT (no gradient)
+    v: torch.Tensor  #: [..., N] column duals (no gradient)
+    status: torch.Tensor  #: [...] int32, see :class:`EMDStatus`
+
+
+def default_max_iter(M: int, N: int) -> int:
+    """Pivot budget of the exact solver when ``max_iter`` is None.
+
+    Perturbation makes the simplex terminate on its own; this bound only guards against
+    floating-point pathologies. Typical solves take far fewer pivots (4x12: under 20).
+    """
+    return 10_000 + 100 * (M + N)
+
+
+# ----------------------------------------------------------------------------- registration
+def _fake(cost, a, b, max_iter, validate):
+    batch, (M, N) = cost.shape[:-2], cost.shape[-2:]
+    return (
+        cost.new_empty(batch),
+        cost.new_empty((*batch, M, N)),
+        cost.new_empty((*batch, M)),
+        cost.new_empty((*batch, N)),
+        cost.new_empty(batch, dtype=torch.int32),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    a, b = inputs[1], inputs[2]
+    _, plan, u, v, _ = output
+    ctx.a_shape = None if a is None else a.shape
+    ctx.b_shape = None if b is None else b.shape
+    ctx.a_dtype = None if a is None else a.dtype
+    ctx.b_dtype = None if b is None else b.dtype
+    ctx.save_for_backward(plan, u, v)
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _backward(ctx, g_value, *unused):
+    plan, u, v = ctx.saved_tensors
+    g_cost = g_a = g_b = None
+    if ctx.needs_input_grad[0]:
+        g_cost = g_value[..., None, None] * plan
+    if ctx.needs_input_grad[1]:
+        g_a = (g_value[..., None] * (u - u.mean(-1, keepdim=True))).sum_to_size(ctx.a_shape).to(ctx.a_dtype)
+    if ctx.needs_input_grad[2]:
+        g_b = (g_value[..., None] * (v - v.mean(-1, keepdim=True))).sum_to_size(ctx.b_shape).to(ctx.b_dtype)
+    return g_cost, g_a, g_b, None, None
+
+
+@torch.library.custom_op("bert_emd::emd_exact_torch", mutates_args=())
+def _emd_exact_torch(
+    cost: torch.Tensor, a: torch.Tensor | None, b: torch.Tensor | None, max_iter: int, validate: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return emd_exact_reference(cost, a, b, max_iter, validate)
+
+
+def _register(opname: str) -> None:
+    torch.library.register_fake(opname)(_fake)
+    torch.library.register_autograd(opname, _backward, setup_context=_setup_context)
+
+
+_register("bert_emd::emd_exact_torch")
+if _ext.has_extension():
+    _register("bert_emd::emd_exact")
+
+
+def _exact_op(backend: str):
+    if backend == "torch":
+        return torch.ops.bert_emd.emd_exact_torch.default
+    return torch.ops.bert_emd.emd_exact.default  # cpu and cuda kernels of one op
+
+
+# ----------------------------------------------------------------------------- public API
+def emd(
+    cost: torch.Tensor,
+    a: torch.Tensor | None = None,
+    b: torch.Tensor | None = None,
+    *,
+    method: str = "exact",
+    reg: float = 0.05,
+    max_iter: int | None = None,
+    tol: float = 1e-9,
+    backend: str = "auto",
+    validate: bool = True,
+) -> EMDResult:
+    """Balanced optimal transport, batched over any leading dims.
+
+    Solves ``min_F sum_ij F_ij cost_ij`` s.t. ``F >= 0``, ``F 1 = a``, ``F^T 1 = b``.
+
+    Args:
+        cost: [..., M, N] float32 or float64 cost matrices (M, N >= 1; any batch shape, ``(0,)``
+            included). Non-contiguous input is read through its strides.
+        a: [..., M] non-negative row weights, broadcastable to the batch shape; default uniform
+            ``1/M``. Converted to ``cost.dtype``.
+        b: [..., N] non-negative column weights; default uniform ``1/N``. ``sum(a)`` and
+            ``sum(b)`` must agree to 1e-6 relative (b is rescaled to a's mass).
+        method: ``"exact"`` (transportation simplex, float64 inside; the plan is a vertex with
+            at most M+N-1 non-zeros) or ``"sinkhorn"`` (entropic, smooth plan).
+        reg: entropic regularisation (sinkhorn only), > 0.
+        max_iter: pivot budget (exact; default :func:`default_max_iter`) or iteration budget
+            (sinkhorn). Reaching it sets ``status == MAX_ITER`` and warns.
+        tol: marginal error at which Sinkhorn stops (per problem).
+        backend: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"torch"`` (reference).
+            ``bert-emd info`` lists what runs here and why the others do not.
+        validate: check the inputs and raise ``ValueError`` naming the problem (NaN/Inf cost,
+            negative or non-finite weights, unequal masses). On CUDA the check costs one
+            device-to-host synchronisation; with ``validate=False`` an invalid problem gets
+            ``status == INVALID`` and NaN outputs instead.
+
+    Returns:
+        :class:`EMDResult` ``(cost [...], plan [..., M, N], u [..., M], v [..., N], status [...])``
+        in ``cost``'s dtype and device. Only ``cost`` carries a gradient:
+        d/d cost = plan, d/d a = u - mean(u), d/d b = v - mean(v).
+
+    Raises:
+        ValueError: invalid shapes, dtypes, devices or values (the message names the argument).
+        bert_emd.BackendError: an explicitly requested backend cannot run these inputs.
+    """
+    if not isinstance(cost, torch.Tensor):
+        raise ValueError(f"emd: cost must be a torch.Tensor, got {type(cost).__name__}")
+    for name, w in (("a", a), ("b", b)):
+        # checked here: a tensor on another device would route the whole call to that
+        # device's kernel (or the fake kernel for "meta") before any C++ check runs
+        if w is not None and (not isinstance(w, torch.Tensor) or w.device != cost.device):
+            where = w.device if isinstance(w, torch.Tensor) else type(w).__name__
+            raise ValueError(f"emd: {name} must be a tensor on the same device as cost ({cost.device}), got {where}")
+    if method == "exact":
+        if cost.dim() < 2:
+            raise ValueError(
+                f"emd: cost must have shape [..., M, N] (at least 2 dims), got shape {list(cost.shape)}"
+            )
+        if max_iter is None:
+            max_iter = default_max_iter(cost.shape[-2], cost.shape[-1])
+        elif max_iter < 0:
+            raise ValueError(f"emd: max_iter must be >= 0, got {max_iter}")
+        name = _backends.select("emd", backend, cost.device)
+        value, plan, u, v, status = _exact_op(name)(cost, a, b, int(max_iter), bool(validate))
+        if validate:
+            _warn_if_stopped(status, f"max_iter={max_iter} pivots before optimality")
+        return EMDResult(value, plan, u, v, status)
+    if method == "sinkhorn":
+        from .sinkhorn import sinkhorn_dispatch
+
+        res = EMDResult(*sinkhorn_dispatch(cost, a, b, reg=reg, max_iter=max_iter, tol=tol, backend=backend))
+        if validate:
+            _warn_if_stopped(res.status, f"max_iter={max_iter} iterations before the marginals met tol={tol}")
+        return res
+    raise ValueError(f"emd: method must be 'exact' or 'sinkhorn', got {method!r}")
+
+
+
+def _warn_if_stopped(status: torch.Tensor, what: str) -> None:
+    """Warn when problems stopped at the iteration budget (status MAX_ITER). With validated
+    input no problem is INVALID, so any non-zero status is MAX_ITER. On CUDA this reads one
+    scalar back, after the validation has already synchronised. Under torch.compile the check
+    would be a data-dependent branch: there the caller reads ``status`` itself."""
+    if torch.compiler.is_compiling():
+        return
+    if status.numel() and bool(status.any()):
+        n = int((status == EMDStatus.MAX_ITER).sum())
+        warnings.warn(
+            f"emd: {n} problem(s) reached {what} (status == MAX_ITER): their plans are feasible "
+            "but not proven optimal",
+            RuntimeWarning,
+            stacklevel=3,
+        )
