@@ -23,17 +23,33 @@ inline std::string shape_str(at::IntArrayRef s) {
   return o.str();
 }
 
+// The batch of problems as raw strides: no view or copy is made where the batch dims can be
+// flattened by strides alone (views cost microseconds each outside inference mode, and the
+// B = 1 call is on every training step's path).
 struct EmdArgs {
-  at::Tensor cost;  // [B, M, N] (a view where possible)
-  at::Tensor a, b;  // [B, M], [B, N] in cost's dtype (may have zero strides), or undefined
+  at::Tensor cost;  // tensor whose data the strides below describe
+  int64_t cb = 0, c0 = 0, c1 = 0;
+  at::Tensor a, b;  // undefined = uniform
+  int64_t ab = 0, a0 = 0, bb = 0, b0 = 0;
   std::vector<int64_t> batch;
   int64_t B = 0, M = 0, N = 0;
 };
 
+// Stride that walks the flattened leading `nlead` dims of t, or -1 if they do not flatten.
+inline int64_t flat_batch_stride(const at::Tensor& t, int64_t nlead) {
+  if (nlead == 0) return 0;
+  for (int64_t d = 0; d + 1 < nlead; ++d)
+    if (t.size(d) != 1 && t.stride(d) != t.stride(d + 1) * t.size(d + 1)) return -1;
+  return t.stride(nlead - 1);
+}
+
+// Validates weights `name` ([..., len] broadcastable to the batch) and returns the tensor and
+// its (batch stride, element stride) for the flattened batch; undefined when absent.
 inline at::Tensor emd_weights_arg(const char* name, const c10::optional<at::Tensor>& w, const at::Tensor& cost,
-                                  const std::vector<int64_t>& batch, int64_t len, const char* len_name) {
+                                  const std::vector<int64_t>& batch, int64_t len, const char* len_name,
+                                  int64_t* bstride, int64_t* estride) {
   if (!w.has_value() || !w->defined()) return at::Tensor();
-  const at::Tensor& t = *w;
+  at::Tensor t = *w;
   TORCH_CHECK_VALUE(at::isFloatingType(t.scalar_type()), "emd: ", name,
                     " must be a floating-point tensor, got dtype ", t.scalar_type());
   TORCH_CHECK_VALUE(t.device() == cost.device(), "emd: ", name, " must be on the same device as cost (",
@@ -43,17 +59,31 @@ inline at::Tensor emd_weights_arg(const char* name, const c10::optional<at::Tens
                     shape_str(t.sizes()));
   const int64_t lead = t.dim() - 1;
   bool ok = lead <= int64_t(batch.size());
+  bool full = lead == int64_t(batch.size());
   for (int64_t d = 0; ok && d < lead; ++d) {
     const int64_t s = t.size(d), want = batch[batch.size() - lead + d];
     ok = (s == 1 || s == want);
+    full = full && s == want;
   }
   TORCH_CHECK_VALUE(ok, "emd: ", name, " of shape ", shape_str(t.sizes()),
                     " does not broadcast to cost's batch shape ", shape_str(batch), " + [", len, "]");
-  std::vector<int64_t> full(batch);
-  full.push_back(len);
-  int64_t B = 1;
-  for (auto s : batch) B *= s;
-  return t.to(cost.scalar_type()).expand(full).reshape({B, len});
+  if (t.scalar_type() != cost.scalar_type()) t = t.to(cost.scalar_type());
+  int64_t bs = -1;
+  bool all_one = true;
+  for (int64_t d = 0; d < lead; ++d) all_one = all_one && t.size(d) == 1;
+  if (all_one) bs = 0;  // one weight vector for every problem
+  else if (full) bs = flat_batch_stride(t, lead);
+  if (bs < 0) {  // partial broadcast or unflattenable strides: materialise [B, len]
+    std::vector<int64_t> shape(batch);
+    shape.push_back(len);
+    int64_t B = 1;
+    for (auto x : batch) B *= x;
+    t = t.expand(shape).reshape({B, len}).contiguous();
+    bs = len;
+  }
+  *bstride = bs;
+  *estride = t.stride(-1);
+  return t;
 }
 
 inline EmdArgs emd_prepare(const at::Tensor& cost, const c10::optional<at::Tensor>& a,
@@ -70,11 +100,26 @@ inline EmdArgs emd_prepare(const at::Tensor& cost, const c10::optional<at::Tenso
                     shape_str(cost.sizes()));
   r.batch.assign(cost.sizes().begin(), cost.sizes().end() - 2);
   r.B = 1;
-  for (auto s : r.batch) r.B *= s;
-  r.cost = cost.reshape({r.B, r.M, r.N});
-  r.a = emd_weights_arg("a", a, cost, r.batch, r.M, "M");
-  r.b = emd_weights_arg("b", b, cost, r.batch, r.N, "N");
+  for (auto x : r.batch) r.B *= x;
+  const int64_t nlead = cost.dim() - 2;
+  r.cost = cost;
+  r.cb = flat_batch_stride(cost, nlead);
+  if (r.cb < 0) {
+    r.cost = cost.reshape({r.B, r.M, r.N}).contiguous();
+    r.cb = r.M * r.N;
+  }
+  r.c0 = r.cost.stride(-2);
+  r.c1 = r.cost.stride(-1);
+  r.a = emd_weights_arg("a", a, cost, r.batch, r.M, "M", &r.ab, &r.a0);
+  r.b = emd_weights_arg("b", b, cost, r.batch, r.N, "N", &r.bb, &r.b0);
   return r;
+}
+
+// Output shapes: batch + extra dims.
+inline std::vector<int64_t> emd_shape(const std::vector<int64_t>& batch, std::initializer_list<int64_t> extra) {
+  std::vector<int64_t> s(batch);
+  s.insert(s.end(), extra.begin(), extra.end());
+  return s;
 }
 
 // Raises the ValueError for the first invalid problem (codes from core::emd_check).

@@ -69,8 +69,11 @@ struct EmdWorkspace {
   int32_t* bcol;   // [K]  basic cell: column (compacted index)
   int32_t* ri;     // [M]  compacted row -> original row
   int32_t* cj;     // [N]  compacted column -> original column
-  int32_t* adj0;   // [K+1] CSR offsets of the tree adjacency
-  int32_t* adj;    // [2K] incident basic cells
+  int32_t* head;   // [K]  first adjacency slot of each node (-1: none); slot 2e / 2e+1 is
+                   //      basic cell e seen from its row / column end
+  int32_t* nxt;    // [2K] next slot in the node's adjacency list
+  int32_t* prv;    // [2K] previous slot (-1 at the head)
+  int32_t* par;    // [K]  parent node (-1 at the root)
   int32_t* parc;   // [K]  basic cell joining a node to its parent (-1 at the root)
   int32_t* depth;  // [K]
   int32_t* order;  // [K]  BFS order of the nodes
@@ -107,8 +110,10 @@ BEMD_HD inline size_t emd_workspace_layout(void* mem, int M, int N, EmdWorkspace
   t.bcol = reinterpret_cast<int32_t*>(take(sizeof(int32_t) * K));
   t.ri = reinterpret_cast<int32_t*>(take(sizeof(int32_t) * M));
   t.cj = reinterpret_cast<int32_t*>(take(sizeof(int32_t) * N));
-  t.adj0 = reinterpret_cast<int32_t*>(take(sizeof(int32_t) * (K + 1)));
-  t.adj = reinterpret_cast<int32_t*>(take(sizeof(int32_t) * 2 * K));
+  t.head = reinterpret_cast<int32_t*>(take(sizeof(int32_t) * K));
+  t.nxt = reinterpret_cast<int32_t*>(take(sizeof(int32_t) * 2 * K));
+  t.prv = reinterpret_cast<int32_t*>(take(sizeof(int32_t) * 2 * K));
+  t.par = reinterpret_cast<int32_t*>(take(sizeof(int32_t) * K));
   t.parc = reinterpret_cast<int32_t*>(take(sizeof(int32_t) * K));
   t.depth = reinterpret_cast<int32_t*>(take(sizeof(int32_t) * K));
   t.order = reinterpret_cast<int32_t*>(take(sizeof(int32_t) * K));
@@ -203,49 +208,78 @@ BEMD_HD inline int emd_check(const EmdProblem<T>& p, double rel_tol, double* sa_
   return 0;
 }
 
-// Spanning-tree bookkeeping: CSR adjacency of the basis, BFS from node 0 (the first row),
-// parent cells, depths, BFS order, and potentials (pot[row 0] = 0; u_i + v_j = C_ij on the tree).
-// O(m + n) per pivot; pricing (O(m n)) dominates at the sizes this solver is for.
+// Spanning-tree bookkeeping. The basis is kept as adjacency lists (a doubly linked list of
+// "slots" per node: slot 2e is basic cell e at its row end, 2e+1 at its column end) plus, for
+// the tree hung from node 0 (the first row): parent, parent cell, depth and potential of every
+// node (pot[row 0] = 0, u_r + v_c = C_rc on every basic cell).
+BEMD_HD inline void emd_link(EmdWorkspace& w, int slot, int node) {
+  const int h = w.head[node];
+  w.nxt[slot] = h;
+  w.prv[slot] = -1;
+  if (h >= 0) w.prv[h] = slot;
+  w.head[node] = slot;
+}
+
+BEMD_HD inline void emd_unlink(EmdWorkspace& w, int slot, int node) {
+  const int a = w.prv[slot], b = w.nxt[slot];
+  if (a >= 0) w.nxt[a] = b; else w.head[node] = b;
+  if (b >= 0) w.prv[b] = a;
+}
+
+// Hangs the component of `root` below `parent` through basic cell `cell` (parent == -1: the
+// tree root), walking it depth-first from the adjacency lists: parent pointers, depths and
+// potentials. Cost O(size of the component); `stack` needs room for it.
+BEMD_HD inline void emd_hang(EmdWorkspace& w, int m, int n, int root, int parent, int cell) {
+  const double* __restrict__ cl = w.cl;
+  int32_t* __restrict__ stack = w.order;
+  w.par[root] = parent;
+  w.parc[root] = cell;
+  if (parent < 0) {
+    w.depth[root] = 0;
+    w.pot[root] = 0.0;
+  } else {
+    w.depth[root] = w.depth[parent] + 1;
+    w.pot[root] = cl[w.brow[cell] * n + w.bcol[cell]] - w.pot[parent];
+  }
+  int top = 0;
+  stack[top++] = root;
+  while (top > 0) {
+    const int v = stack[--top];
+    const int pv = w.par[v];
+    for (int slot = w.head[v]; slot >= 0; slot = w.nxt[slot]) {
+      const int e = slot >> 1;
+      const int other = (slot & 1) ? w.brow[e] : m + w.bcol[e];
+      if (other == pv) continue;
+      w.par[other] = v;
+      w.parc[other] = e;
+      w.depth[other] = w.depth[v] + 1;
+      w.pot[other] = cl[w.brow[e] * n + w.bcol[e]] - w.pot[v];  // u_r + v_c = C_rc
+      stack[top++] = other;
+    }
+  }
+}
+
+// Adjacency lists of the initial basis, then the whole tree hung from node 0.
 BEMD_HD inline void emd_build_tree(EmdWorkspace& w, int m, int n) {
   const int K = m + n;
-  const int nb = K - 1;
-  const double* __restrict__ cl = w.cl;
-  const int32_t* __restrict__ brow = w.brow;
-  const int32_t* __restrict__ bcol = w.bcol;
-  int32_t* __restrict__ adj0 = w.adj0;
-  int32_t* __restrict__ adj = w.adj;
-  int32_t* __restrict__ depth = w.depth;
-  int32_t* __restrict__ parc = w.parc;
-  int32_t* __restrict__ order = w.order;
-  double* __restrict__ pot = w.pot;
-  for (int v = 0; v <= K; ++v) adj0[v] = 0;
-  for (int e = 0; e < nb; ++e) {
-    adj0[brow[e] + 1]++;
-    adj0[m + bcol[e] + 1]++;
+  for (int v = 0; v < K; ++v) w.head[v] = -1;
+  for (int e = 0; e < K - 1; ++e) {
+    emd_link(w, 2 * e, w.brow[e]);
+    emd_link(w, 2 * e + 1, m + w.bcol[e]);
   }
-  for (int v = 0; v < K; ++v) adj0[v + 1] += adj0[v];
-  for (int v = 0; v < K; ++v) depth[v] = adj0[v];  // fill cursor, reset below
-  for (int e = 0; e < nb; ++e) {
-    adj[depth[brow[e]]++] = e;
-    adj[depth[m + bcol[e]]++] = e;
-  }
-  for (int v = 0; v < K; ++v) depth[v] = -1;
-  order[0] = 0;
-  depth[0] = 0;
-  parc[0] = -1;
-  pot[0] = 0.0;
+  emd_hang(w, m, n, 0, -1, -1);
+}
+
+// Breadth-first order of the final tree (parents before children) for the flow recomputation.
+BEMD_HD inline void emd_bfs_order(EmdWorkspace& w, int m) {
   int head = 0, tail = 1;
+  w.order[0] = 0;
   while (head < tail) {
-    const int v = order[head++];
-    for (int q = adj0[v]; q < adj0[v + 1]; ++q) {
-      const int e = adj[q];
-      const int r = brow[e], c = m + bcol[e];
-      const int other = (v == r) ? c : r;
-      if (depth[other] >= 0) continue;
-      depth[other] = depth[v] + 1;
-      parc[other] = e;
-      pot[other] = cl[r * n + bcol[e]] - pot[v];  // u_r + v_c = C_rc
-      order[tail++] = other;
+    const int v = w.order[head++];
+    for (int slot = w.head[v]; slot >= 0; slot = w.nxt[slot]) {
+      const int e = slot >> 1;
+      const int other = (slot & 1) ? w.brow[e] : m + w.bcol[e];
+      if (other != w.par[v]) w.order[tail++] = other;
     }
   }
 }
@@ -295,9 +329,11 @@ BEMD_HD inline void emd_initial_basis(EmdWorkspace& w, int m, int n, double ftol
   for (int x = 0; x < K; ++x) emd_vogel_line(w, m, n, x);
   int rows_left = m, cols_left = n;
   for (int e = 0; e < K - 1; ++e) {
-    int line = -1;
-    for (int x = 0; x < K; ++x)
-      if (!done[x] && (line < 0 || w.pen[x] > w.pen[line])) line = x;
+    // closed lines carry a -inf penalty, so the argmax needs no test of done[]
+    int line = 0;
+    double best = w.pen[0];
+    for (int x = 1; x < K; ++x)
+      if (w.pen[x] > best) { best = w.pen[x]; line = x; }
     int i, j;
     if (line < m) { i = line; j = w.best1[line]; }
     else { j = line - m; i = w.best1[line]; }
@@ -318,6 +354,7 @@ BEMD_HD inline void emd_initial_basis(EmdWorkspace& w, int m, int n, double ftol
     if ((row_smaller && rows_left > 1) || cols_left == 1) { closed = i; --rows_left; }
     else { closed = rj; --cols_left; }
     done[closed] = 1;
+    w.pen[closed] = -INFINITY;
     if (rows_left == 0 || cols_left == 0) break;
     // lines of the other kind whose two cheapest included the closed line look again
     const int lo = closed < m ? m : 0, hi = closed < m ? K : m;
@@ -378,15 +415,27 @@ BEMD_HD inline int emd_solve(const EmdProblem<T>& p, const EmdOutput<T>& out, Em
   int32_t* __restrict__ brow = w.brow;
   int32_t* __restrict__ bcol = w.bcol;
   int32_t* __restrict__ path = w.path;
+  emd_build_tree(w, m, n);
+  // rows per pricing block: everything up to 32x32, else about 2 sqrt(mn) cells
+  int block_rows = m;
+  if (m * n > 1024) {
+    block_rows = int(2.0 * sqrt(double(m) * n) / n);
+    block_rows = block_rows < 1 ? 1 : (block_rows > m ? m : block_rows);
+  }
+  int row0 = 0;
   for (;;) {
-    emd_build_tree(w, m, n);
-    // Pricing (Dantzig): the most negative reduced cost C_ij - u_i - v_j. The row minimum is a
-    // branch-free reduction the compiler vectorises; the argmin is looked up only in rows that
-    // improve on the best so far.
+    // Pricing: the most negative reduced cost C_ij - u_i - v_j. Small problems scan every
+    // cell (Dantzig); large ones use block search (as LEMON's network simplex): scan blocks of
+    // about 2 sqrt(mn) cells from where the last scan stopped and take the best of the first
+    // block that holds an improving cell; optimality is declared only after a full sweep. The
+    // row minimum is a branch-free reduction the compiler vectorises; the argmin is looked up
+    // only in rows that improve on the best so far.
     int ei = -1, ej = -1;
     double best = -ctol;
     const double* __restrict__ vcol = pot + m;
-    for (int i = 0; i < m; ++i) {
+    for (int r = 0; r < m; ++r) {
+      int i = row0 + r;
+      if (i >= m) i -= m;
       const double* __restrict__ crow = cl + i * n;
       const double ui = pot[i];
       double rmin = INFINITY;
@@ -403,6 +452,10 @@ BEMD_HD inline int emd_solve(const EmdProblem<T>& p, const EmdOutput<T>& out, Em
         best = rmin;
         ei = i;
       }
+      if (ei >= 0 && (r + 1) % block_rows == 0) {
+        row0 = i + 1 < m ? i + 1 : 0;
+        break;
+      }
     }
     if (ei < 0) break;
     if (iter >= max_iter) { status = kMaxIterReached; break; }
@@ -413,17 +466,16 @@ BEMD_HD inline int emd_solve(const EmdProblem<T>& p, const EmdOutput<T>& out, Em
     int na = 0, nbp = 0;  // path[0..na) climbs from a, path[K-1], path[K-2], ... from b
     while (a != b) {
       if (w.depth[a] >= w.depth[b]) {
-        const int e = w.parc[a];
-        path[na++] = e;
-        a = (a < m) ? m + bcol[e] : brow[e];
+        path[na++] = w.parc[a];
+        a = w.par[a];
       } else {
-        const int e = w.parc[b];
-        path[K - 1 - nbp++] = e;
-        b = (b < m) ? m + bcol[e] : brow[e];
+        path[K - 1 - nbp++] = w.parc[b];
+        b = w.par[b];
       }
     }
     // ratio test: the lexicographically smallest "minus" flow leaves (unique, see top)
     int leave = -1;
+    bool leave_on_a = true;  // the leaving cell lies on the path climbing from row ei
     double tx = 0.0;
     int32_t tk = 0;
     for (int s = 0; s < na; s += 2) {
@@ -432,7 +484,9 @@ BEMD_HD inline int emd_solve(const EmdProblem<T>& p, const EmdOutput<T>& out, Em
     }
     for (int s = 0; s < nbp; s += 2) {
       const int e = path[K - 1 - s];
-      if (leave < 0 || lex_less(fx[e], fk[e], tx, tk, ftol)) { leave = e; tx = fx[e]; tk = fk[e]; }
+      if (leave < 0 || lex_less(fx[e], fk[e], tx, tk, ftol)) {
+        leave = e; tx = fx[e]; tk = fk[e]; leave_on_a = false;
+      }
     }
     for (int s = 0; s < na; ++s) {
       const int e = path[s];
@@ -444,12 +498,22 @@ BEMD_HD inline int emd_solve(const EmdProblem<T>& p, const EmdOutput<T>& out, Em
       fx[e] = (s & 1) ? fx[e] + tx : snap_sub(fx[e], tx, ftol);
       fk[e] += (s & 1) ? tk : -tk;
     }
+    // Tree update: cutting the leaving cell detaches the subtree below it, which holds the
+    // entering cell's end on the side the leaving cell was found (row ei on the a-side). That
+    // subtree is re-hung from the entering cell; nothing else changes.
+    emd_unlink(w, 2 * leave, brow[leave]);
+    emd_unlink(w, 2 * leave + 1, m + bcol[leave]);
     brow[leave] = ei;
     bcol[leave] = ej;
     fx[leave] = tx;
     fk[leave] = tk;
+    emd_link(w, 2 * leave, ei);
+    emd_link(w, 2 * leave + 1, m + ej);
+    if (leave_on_a) emd_hang(w, m, n, ei, m + ej, leave);
+    else emd_hang(w, m, n, m + ej, ei, leave);
   }
-  // (the tree is current: the loop exits right after building and pricing it)
+  // (the tree and potentials are current: the loop exits right after pricing)
+  emd_bfs_order(w, m);
 
   // --- flows from the tree and the unperturbed weights: leaves first (reverse BFS order)
   double* __restrict__ rx = w.rx;
@@ -457,10 +521,9 @@ BEMD_HD inline int emd_solve(const EmdProblem<T>& p, const EmdOutput<T>& out, Em
   for (int j = 0; j < n; ++j) rx[m + j] = w.wb[j];
   for (int q = K - 1; q >= 1; --q) {
     const int v = w.order[q];
-    const int e = w.parc[v];
     const double f = rx[v];  // what v still has to send (row) or receive (column)
-    fx[e] = f;
-    rx[(v < m) ? m + bcol[e] : brow[e]] -= f;
+    fx[w.parc[v]] = f;
+    rx[w.par[v]] -= f;
   }
   for (int i = 0; i < M * N; ++i) out.plan[i] = T(0);
   double value = 0.0;

@@ -62,11 +62,11 @@ EmdOutputs emd_exact_cuda(const at::Tensor& cost_in, const c10::optional<at::Ten
     return emd_exact_on_cpu(cost_in, a_in, b_in, max_iter, validate);
   }
   auto opts = cost_in.options();
-  at::Tensor value = at::empty({B}, opts);
-  at::Tensor plan = at::empty({B, M, N}, opts);
-  at::Tensor u = at::empty({B, M}, opts);
-  at::Tensor v = at::empty({B, N}, opts);
-  at::Tensor status = at::empty({B}, opts.dtype(at::kInt));
+  at::Tensor value = at::empty(args.batch, opts);
+  at::Tensor plan = at::empty(emd_shape(args.batch, {M, N}), opts);
+  at::Tensor u = at::empty(emd_shape(args.batch, {M}), opts);
+  at::Tensor v = at::empty(emd_shape(args.batch, {N}), opts);
+  at::Tensor status = at::empty(args.batch, opts.dtype(at::kInt));
   at::Tensor error = at::empty({B}, opts.dtype(at::kInt));
   at::Tensor sums = at::empty({B, 2}, opts.dtype(at::kDouble));
   if (B > 0) {
@@ -76,11 +76,11 @@ EmdOutputs emd_exact_cuda(const at::Tensor& cost_in, const c10::optional<at::Ten
     AT_DISPATCH_FLOATING_TYPES(cost_in.scalar_type(), "emd_exact_cuda", [&] {
       core::EmdBatch<scalar_t> bt;
       bt.C = args.cost.data_ptr<scalar_t>();
-      bt.cb = args.cost.stride(0); bt.c0 = args.cost.stride(1); bt.c1 = args.cost.stride(2);
+      bt.cb = args.cb; bt.c0 = args.c0; bt.c1 = args.c1;
       bt.a = args.a.defined() ? args.a.data_ptr<scalar_t>() : nullptr;
-      bt.ab = args.a.defined() ? args.a.stride(0) : 0; bt.a0 = args.a.defined() ? args.a.stride(1) : 0;
+      bt.ab = args.ab; bt.a0 = args.a0;
       bt.b = args.b.defined() ? args.b.data_ptr<scalar_t>() : nullptr;
-      bt.bb = args.b.defined() ? args.b.stride(0) : 0; bt.b0 = args.b.defined() ? args.b.stride(1) : 0;
+      bt.bb = args.bb; bt.b0 = args.b0;
       bt.value = value.data_ptr<scalar_t>();
       bt.plan = plan.data_ptr<scalar_t>();
       bt.u = u.data_ptr<scalar_t>();
@@ -108,12 +108,7 @@ EmdOutputs emd_exact_cuda(const at::Tensor& cost_in, const c10::optional<at::Ten
       }
     }
   }
-  std::vector<int64_t> bm(args.batch), bn(args.batch), bmn(args.batch);
-  bm.push_back(M);
-  bn.push_back(N);
-  bmn.push_back(M);
-  bmn.push_back(N);
-  return {value.view(args.batch), plan.view(bmn), u.view(bm), v.view(bn), status.view(args.batch)};
+  return {value, plan, u, v, status};
 }
 
 TORCH_LIBRARY_IMPL(bert_emd, CUDA, m) { m.impl("emd_exact", &emd_exact_cuda); }

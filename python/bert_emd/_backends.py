@@ -10,6 +10,7 @@ Backends:
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -28,6 +29,18 @@ _OP_BACKENDS: dict[str, dict[str, tuple[str, ...]]] = {
 
 # The TORCH_LIBRARY op whose CPU / CUDA kernels implement the "cpu" / "cuda" backends.
 _CPP_OPS = {"emd": "bert_emd::emd_exact", "layer_costs": "bert_emd::layer_costs_fwd", "sinkhorn": "bert_emd::sinkhorn"}
+
+
+@functools.cache
+def _has_kernel_cached(opname: str, key: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(opname, key)
+
+
+# Kernel registration is fixed once the extension is imported: torch.compile may treat the
+# answer as a constant instead of tracing the dispatcher query.
+@torch._dynamo.assume_constant_result
+def _has_kernel(opname: str, key: str) -> bool:
+    return _has_kernel_cached(opname, key)
 
 
 class BackendError(RuntimeError):
@@ -64,16 +77,31 @@ def unavailable_reason(op: str, backend: str, device_type: str) -> str | None:
     key = {"cpu": "CPU", "cuda": "CUDA"}[backend]
     if backend == "cuda" and not _ext.built_with_cuda():
         return "bert_emd._C was built without CUDA (CPU-only torch or no nvcc at build time)"
-    if not torch._C._dispatch_has_kernel_for_dispatch_key(_CPP_OPS[op], key):
+    if not _has_kernel(_CPP_OPS[op], key):
         return f"bert_emd._C has no {key} kernel for {_CPP_OPS[op]} (rebuild the extension)"
     if device_type != backend:
         return f"the {backend} backend needs {key} tensors, got {device_type}"
     return None
 
 
+_SELECTED: dict[tuple[str, str, str, bool], str] = {}
+
+
 def select(op: str, backend: str, device: torch.device) -> str:
-    """Resolve ``backend`` ("auto" or a name) for ``op`` on ``device``; raise if it cannot run."""
-    dev = device.type
+    """Resolve ``backend`` ("auto" or a name) for ``op`` on ``device``; raise if it cannot run.
+
+    Successful resolutions are memoised (they depend only on what is built and on
+    TRITON_INTERPRET), since this runs on every call of every op."""
+    key = (op, backend, device.type, triton_interpret())
+    hit = _SELECTED.get(key)
+    if hit is not None:
+        return hit
+    name = _select(op, backend, device.type)
+    _SELECTED[key] = name
+    return name
+
+
+def _select(op: str, backend: str, dev: str) -> str:
     if backend == "auto":
         order = _OP_BACKENDS[op].get(dev, ("torch",))
         for name in order:
