@@ -85,6 +85,10 @@ def run(quick: bool, device: str, threads: int | None, update_results: bool, out
                 ref = np.array([ot.emd2(a_np, b_np, C[t].numpy()) for t in range(check)])
                 err = float(np.abs(res.cost[:check].cpu().numpy() - ref).max())
                 assert err < 1e-9, f"bert_emd disagrees with POT on {M}x{N}: {err}"
+            if dev.type != "cpu":  # the device kernel against the CPU kernel on the same problems
+                cpu = bert_emd.emd(C[:check])
+                err = float((res.cost[:check].cpu() - cpu.cost).abs().max())
+                assert err < 1e-9, f"bert_emd[{dev.type}] disagrees with bert_emd[cpu] on {M}x{N}: {err}"
             if emd_with_flow is not None:
                 v, _ = original_pyemd_call(emd_with_flow, C[0], M, N)
                 assert abs(v - float(res.cost[0])) < 1e-9, "pyemd (padded) disagrees with bert_emd"

@@ -122,25 +122,9 @@ inline std::vector<int64_t> emd_shape(const std::vector<int64_t>& batch, std::in
   return s;
 }
 
-// Raises the ValueError for the first invalid problem (codes from core::emd_check).
-inline void emd_raise_invalid(int64_t t, int code, double sa, double sb, int64_t B) {
-  std::ostringstream where;
-  if (B > 1) where << " (batch element " << t << ")";
-  switch (code) {
-    case 1: TORCH_CHECK_VALUE(false, "emd: cost contains NaN or Inf", where.str());
-    case 2: TORCH_CHECK_VALUE(false, "emd: a must be finite and non-negative", where.str());
-    case 3: TORCH_CHECK_VALUE(false, "emd: b must be finite and non-negative", where.str());
-    case 4:
-      TORCH_CHECK_VALUE(false, "emd: a and b must have positive total mass, got sum(a)=", sa, " and sum(b)=", sb,
-                        where.str());
-    case 5: {
-      const double rel = std::abs(sa - sb) / std::max(sa, sb);
-      TORCH_CHECK_VALUE(false, "emd: a and b must have equal total mass (balanced transport): sum(a)=", sa,
-                        " and sum(b)=", sb, " differ by ", rel, " relative (tolerance ", core::kMassRelTol, ")",
-                        where.str(), ". Normalise both to the same total.");
-    }
-    default: TORCH_CHECK_VALUE(false, "emd: invalid input (code ", code, ")", where.str());
-  }
-}
+// Raises the ValueError for the first invalid problem (codes from core::emd_check). Defined
+// in csrc/cpu/emd_cpu.cpp: the exception is thrown from host code compiled by the C++
+// compiler, also when the CUDA kernel reports the error.
+[[noreturn]] void emd_raise_invalid(int64_t t, int code, double sa, double sb, int64_t B);
 
 }  // namespace bert_emd

@@ -13,8 +13,13 @@ import torch
 from bert_emd import EMDStatus, emd
 from bert_emd._ext import has_extension
 
-ot = pytest.importorskip("ot")
-scipy_optimize = pytest.importorskip("scipy.optimize")
+try:  # test extras; the GPU-only tests below need neither
+    import ot
+    import scipy.optimize as scipy_optimize
+except ImportError:  # pragma: no cover
+    ot = scipy_optimize = None
+
+needs_pot = pytest.mark.skipif(ot is None, reason="needs POT and scipy (pip install .[test])")
 
 SHAPES = [(1, 1), (1, 7), (7, 1), (4, 12), (6, 12), (12, 12), (24, 48), (64, 64), (100, 37)]
 BACKENDS = ["cpu", "torch"] if has_extension() else ["torch"]
@@ -71,6 +76,7 @@ def assert_valid_plan(C, a, b, res, *, rtol=1e-9):
     assert torch.allclose(dual, res.cost.double(), atol=rtol * scale, rtol=0)
 
 
+@needs_pot
 @pytest.mark.parametrize("backend,shape", list(_backend_shapes()))
 def test_values_against_pot_and_highs(backend, shape, rng):
     M, N = shape
@@ -111,6 +117,7 @@ def _degenerate_cases(g: torch.Generator):
     yield "near-zero weight", torch.rand(3, 3, generator=g, dtype=torch.float64), w / w.sum(), None
 
 
+@needs_pot
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_degenerate_cases(backend, rng):
     for name, C, a, b in _degenerate_cases(rng):
@@ -127,6 +134,7 @@ def test_degenerate_cases(backend, rng):
     assert emd(1.0 - torch.eye(12, dtype=torch.float64), backend=backend).cost.item() == 0.0
 
 
+@needs_pot
 @pytest.mark.skipif(not has_extension(), reason="needs the compiled extension")
 def test_cpu_matches_reference_many_degenerate_problems(rng):
     # uniform weights and small integer costs: almost every basis is degenerate
@@ -140,6 +148,7 @@ def test_cpu_matches_reference_many_degenerate_problems(rng):
         assert fast.cost[t].item() == pytest.approx(exp, abs=1e-12)
 
 
+@needs_pot
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("batch", [(), (0,), (3,), (2, 5)])
 def test_batch_shapes(backend, batch, rng):
@@ -156,6 +165,7 @@ def test_batch_shapes(backend, batch, rng):
         assert res.cost.reshape(-1)[t].item() == pytest.approx(exp, abs=1e-12)
 
 
+@needs_pot
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_broadcast_weights_and_float32_and_strides(backend, rng):
     C = torch.rand(3, 12, 4, generator=rng, dtype=torch.float64).transpose(-1, -2)  # non-contiguous
@@ -332,3 +342,15 @@ def test_cuda_bad_input_and_capacity():
         res = emd(big)
     assert res.cost.device.type == "cuda"
     assert res.cost.item() == pytest.approx(emd(big.cpu()).cost.item(), abs=1e-12)
+
+
+def test_invalid_status_is_raised_with_the_precise_message():
+    # the CUDA kernel reports invalid input as status INVALID; the wrapper re-checks the inputs
+    # on that error path to raise the same message the CPU kernel raises
+    from bert_emd.ops.emd import _check_status
+
+    C = torch.rand(3, 2, 2)
+    C[2, 1, 1] = math.inf
+    status = torch.tensor([0, 0, EMDStatus.INVALID], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"cost contains NaN or Inf \(batch element 2\)"):
+        _check_status(status, C, None, None, "max_iter")

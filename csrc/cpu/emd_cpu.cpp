@@ -14,6 +14,29 @@
 
 namespace bert_emd {
 
+void emd_raise_invalid(int64_t t, int code, double sa, double sb, int64_t B) {
+  std::ostringstream where;
+  if (B > 1) where << " (batch element " << t << ")";
+  switch (code) {
+    case 1: TORCH_CHECK_VALUE(false, "emd: cost contains NaN or Inf", where.str());
+    case 2: TORCH_CHECK_VALUE(false, "emd: a must be finite and non-negative", where.str());
+    case 3: TORCH_CHECK_VALUE(false, "emd: b must be finite and non-negative", where.str());
+    case 4:
+      TORCH_CHECK_VALUE(false, "emd: a and b must have positive total mass, got sum(a)=", sa, " and sum(b)=", sb,
+                        where.str());
+    case 5: {
+      const double rel = std::abs(sa - sb) / std::max(sa, sb);
+      TORCH_CHECK_VALUE(false, "emd: a and b must have equal total mass (balanced transport): sum(a)=", sa,
+                        " and sum(b)=", sb, " differ by ", rel, " relative (tolerance ", core::kMassRelTol, ")",
+                        where.str(), ". Normalise both to the same total.");
+    }
+    default: break;
+  }
+  TORCH_CHECK_VALUE(false, "emd: invalid input (code ", code, ")", where.str());
+  TORCH_INTERNAL_ASSERT(false);  // unreachable: keeps [[noreturn]] honest for the compiler
+}
+
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> emd_exact_cpu(
     const at::Tensor& cost_in, const c10::optional<at::Tensor>& a_in, const c10::optional<at::Tensor>& b_in,
     int64_t max_iter, bool validate) {

@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("info", help="versions, built kernels, usable backends and why others are not")
     b = sub.add_parser("bench", help="kernel micro-benchmarks (extra flags go to the script, e.g. --quick)")
     b.add_argument("which", choices=sorted(BENCHES), help="which benchmark")
+    from .distill.cli_commands import add_subcommands
+
+    add_subcommands(sub)
     return p
 
 
@@ -98,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
         return cmd_bench(args, rest)
+    from .distill.cli_commands import COMMANDS, dispatch
+
+    if args.command in COMMANDS:
+        return dispatch(args, rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "info":

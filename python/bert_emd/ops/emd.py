@@ -22,6 +22,7 @@ from typing import NamedTuple
 import torch
 
 from .. import _backends, _ext
+from ..reference._validate import check_emd_inputs
 from ..reference.emd import emd_exact_reference
 
 __all__ = ["EMDResult", "EMDStatus", "emd", "default_max_iter"]
@@ -185,14 +186,14 @@ def emd(
             with torch._C._AutoDispatchBelowAutograd():
                 value, plan, u, v, status = op(*args)
         if validate:
-            _warn_if_stopped(status, f"max_iter={max_iter} pivots before optimality")
+            _check_status(status, cost, a, b, f"max_iter={max_iter} pivots before optimality")
         return EMDResult(value, plan, u, v, status)
     if method == "sinkhorn":
         from .sinkhorn import sinkhorn_dispatch
 
         res = EMDResult(*sinkhorn_dispatch(cost, a, b, reg=reg, max_iter=max_iter, tol=tol, backend=backend))
         if validate:
-            _warn_if_stopped(res.status, f"max_iter={max_iter} iterations before the marginals met tol={tol}")
+            _check_status(res.status, cost, a, b, f"max_iter={max_iter} iterations before the marginals met tol={tol}")
         return res
     raise ValueError(f"emd: method must be 'exact' or 'sinkhorn', got {method!r}")
 
@@ -202,16 +203,21 @@ def _any_requires_grad(cost: torch.Tensor, a: torch.Tensor | None, b: torch.Tens
     return cost.requires_grad or (a is not None and a.requires_grad) or (b is not None and b.requires_grad)
 
 
-def _warn_if_stopped(status: torch.Tensor, what: str) -> None:
-    """Warn when problems stopped at the iteration budget (status MAX_ITER). With validated
-    input no problem is INVALID, so any non-zero status is MAX_ITER. On CUDA this reads one
-    scalar back, after the validation has already synchronised. Under torch.compile the check
-    would be a data-dependent branch: there the caller reads ``status`` itself."""
+def _check_status(status: torch.Tensor, cost: torch.Tensor, a, b, what: str) -> None:
+    """After a validated solve: raise for invalid problems and warn for problems stopped at the
+    iteration budget. The CPU kernel raises invalid input itself; the CUDA kernel reports it as
+    status INVALID (it never synchronises), and the precise message is then produced here by
+    re-checking the inputs on the error path only. One scalar is read back (on CUDA: the one
+    synchronisation of a validated call). Under torch.compile the check would be a
+    data-dependent branch: there the caller reads ``status`` itself."""
     if torch.compiler.is_compiling():
         return
     n = status.numel()
     if n == 0 or not (status.item() if n == 1 else bool(status.any())):
         return
+    if bool((status == EMDStatus.INVALID).any()):
+        check_emd_inputs(cost, a, b)  # raises the ValueError naming the argument and element
+        raise ValueError("emd: invalid input (a problem was rejected by the solver)")
     stopped = int((status == EMDStatus.MAX_ITER).sum())
     warnings.warn(
         f"emd: {stopped} problem(s) reached {what} (status == MAX_ITER): their plans are feasible "
