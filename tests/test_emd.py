@@ -344,6 +344,24 @@ def test_cuda_bad_input_and_capacity():
     assert res.cost.item() == pytest.approx(emd(big.cpu()).cost.item(), abs=1e-12)
 
 
+def test_cuda_capacity_fallback_routes_to_cpu(monkeypatch, rng):
+    # the routing of problems above the CUDA kernel's capacity, exercised on the CPU by
+    # pretending the 'cuda' backend was selected and the capacity is small
+    import bert_emd.ops.emd as emd_mod
+
+    monkeypatch.setattr(emd_mod._backends, "select",
+                        lambda op, backend, device: "cuda" if backend == "auto" else backend)
+    monkeypatch.setattr(emd_mod._ext, "cuda_max_nodes", lambda: 8)
+    C = torch.rand(2, 6, 5, generator=rng, dtype=torch.float64, requires_grad=True)
+    with pytest.warns(UserWarning, match="capacity"):
+        res = emd(C)
+    monkeypatch.undo()
+    exp = emd(C.detach())
+    torch.testing.assert_close(res.cost.detach(), exp.cost)
+    res.cost.sum().backward()
+    torch.testing.assert_close(C.grad, exp.plan)
+
+
 def test_invalid_status_is_raised_with_the_precise_message():
     # the CUDA kernel reports invalid input as status INVALID; the wrapper re-checks the inputs
     # on that error path to raise the same message the CPU kernel raises

@@ -4,12 +4,11 @@
 // problem with its scratch in a slice of one device buffer needs no synchronisation at all.
 //
 // Capacity: problems with M + N <= BERT_EMD_CUDA_MAX_NODES (256) are solved on the GPU. Larger
-// ones are solved by the CPU kernel (inputs copied to the host, results copied back) with a
-// warning: a single GPU thread walking a spanning tree of hundreds of nodes is slower than a
-// CPU core, and such problems are far from the BERT-EMD sizes.
+// ones are sent to the CPU kernel by bert_emd.emd (inputs copied to the host, results copied
+// back, with a warning): a single GPU thread walking a spanning tree of hundreds of nodes is
+// slower than a CPU core, and such problems are far from the BERT-EMD sizes.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -33,22 +32,6 @@ __global__ void emd_exact_kernel(core::EmdBatch<T> bt, int64_t B, char* ws, size
   core::emd_batch_solve_one(bt, t, ws + t * ws_stride);
 }
 
-static EmdOutputs emd_exact_on_cpu(const at::Tensor& cost, const c10::optional<at::Tensor>& a,
-                                   const c10::optional<at::Tensor>& b, int64_t max_iter, bool validate) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("bert_emd::emd_exact", "")
-                       .typed<EmdOutputs(const at::Tensor&, const c10::optional<at::Tensor>&,
-                                         const c10::optional<at::Tensor>&, int64_t, bool)>();
-  auto to_cpu = [](const c10::optional<at::Tensor>& w) -> c10::optional<at::Tensor> {
-    if (!w.has_value() || !w->defined()) return c10::nullopt;
-    return w->cpu();
-  };
-  auto r = op.call(cost.cpu(), to_cpu(a), to_cpu(b), max_iter, validate);
-  const auto dev = cost.device();
-  return {std::get<0>(r).to(dev), std::get<1>(r).to(dev), std::get<2>(r).to(dev), std::get<3>(r).to(dev),
-          std::get<4>(r).to(dev)};
-}
-
 EmdOutputs emd_exact_cuda(const at::Tensor& cost_in, const c10::optional<at::Tensor>& a_in,
                           const c10::optional<at::Tensor>& b_in, int64_t max_iter, bool validate) {
   TORCH_CHECK_VALUE(cost_in.is_cuda(), "emd (cuda backend): cost must be a CUDA tensor, got ", cost_in.device());
@@ -56,11 +39,10 @@ EmdOutputs emd_exact_cuda(const at::Tensor& cost_in, const c10::optional<at::Ten
   const c10::cuda::CUDAGuard guard(cost_in.device());
   EmdArgs args = emd_prepare(cost_in, a_in, b_in);
   const int64_t B = args.B, M = args.M, N = args.N;
-  if (M + N > BERT_EMD_CUDA_MAX_NODES) {
-    TORCH_WARN_ONCE("emd: problems of size ", M, "x", N, " exceed the CUDA kernel's capacity (M + N <= ",
-                    BERT_EMD_CUDA_MAX_NODES, "); solving them with the CPU kernel");
-    return emd_exact_on_cpu(cost_in, a_in, b_in, max_iter, validate);
-  }
+  // bert_emd.emd routes larger problems to the CPU kernel before they get here
+  TORCH_CHECK_VALUE(M + N <= BERT_EMD_CUDA_MAX_NODES, "emd (cuda backend): problems of size ", M, "x", N,
+                    " exceed the CUDA kernel's capacity (M + N <= ", BERT_EMD_CUDA_MAX_NODES,
+                    "); solve them on the CPU (bert_emd.emd does this automatically)");
   auto opts = cost_in.options();
   at::Tensor value = at::empty(args.batch, opts);
   at::Tensor plan = at::empty(emd_shape(args.batch, {M, N}), opts);

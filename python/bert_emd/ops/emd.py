@@ -176,7 +176,10 @@ def emd(
             max_iter = default_max_iter(cost.shape[-2], cost.shape[-1])
         elif max_iter < 0:
             raise ValueError(f"emd: max_iter must be >= 0, got {max_iter}")
-        op = _exact_op(_backends.select("emd", backend, cost.device))
+        name = _backends.select("emd", backend, cost.device)
+        if name == "cuda" and cost.shape[-2] + cost.shape[-1] > _ext.cuda_max_nodes():
+            return _emd_on_cpu(cost, a, b, max_iter, validate)
+        op = _exact_op(name)
         args = (cost, a, b, int(max_iter), bool(validate))
         if torch.compiler.is_compiling() or (torch.is_grad_enabled() and _any_requires_grad(cost, a, b)):
             value, plan, u, v, status = op(*args)
@@ -197,6 +200,21 @@ def emd(
         return res
     raise ValueError(f"emd: method must be 'exact' or 'sinkhorn', got {method!r}")
 
+
+
+def _emd_on_cpu(cost, a, b, max_iter: int, validate: bool) -> EMDResult:
+    """Problems beyond the CUDA kernel's capacity: solve on the CPU, return on cost's device
+    (differentiable: the device copies are autograd-aware)."""
+    warnings.warn(
+        f"emd: problems of size {cost.shape[-2]}x{cost.shape[-1]} exceed the CUDA kernel's capacity "
+        f"(M + N <= {_ext.cuda_max_nodes()}); solving them with the CPU kernel",
+        UserWarning,
+        stacklevel=3,
+    )
+    host = [None if t is None else t.cpu() for t in (cost, a, b)]
+    cpu_backend = "cpu" if _ext.has_extension() else "torch"
+    res = emd(host[0], host[1], host[2], max_iter=max_iter, validate=validate, backend=cpu_backend)
+    return EMDResult(*(t.to(cost.device) for t in res))
 
 
 def _any_requires_grad(cost: torch.Tensor, a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
