@@ -3,14 +3,18 @@
 Public ops (any device, autograd, torch.compile):
   - :func:`emd` -- batched exact (or entropic) optimal transport with envelope gradients.
   - :func:`layer_costs` -- fused teacher-student layer cost matrices.
+
+The distillation loss lives in :mod:`bert_emd.nn` (``BertEMDLoss``, ``LayerEMDLoss``,
+``CostAttention``); Hugging Face glue in :mod:`bert_emd.distill`.
 """
 
 from __future__ import annotations
 
 from ._backends import BackendError
 from .ops.emd import EMDResult, EMDStatus, emd
+from .ops.layer_costs import layer_costs
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendError", "EMDResult", "EMDStatus", "emd", "__version__"]
+__all__ = ["BackendError", "EMDResult", "EMDStatus", "emd", "layer_costs", "__version__"]
 

@@ -1,0 +1,230 @@
+"""Time of one distillation step with BertEMDLoss against fixed-mapping and prediction-only losses.
+
+One step = student forward (hidden states; attention scores through the q/k hooks) + teacher
+forward (no grad) + loss + student backward, without the optimizer update. Three losses, all in
+the same harness (``bert_emd.nn.BertEMDLoss``):
+
+- ``emd``: BERT-EMD (attention scores + hidden + embedding + prediction, EMD layer mapping,
+  cost-attention update);
+- ``skip``: TinyBERT's fixed skip mapping (same terms, ``mapping="skip"``);
+- ``pred``: prediction-layer distillation only.
+
+Target: the ``emd`` step within 10% of the ``skip`` step. Before timing, the EMD hidden term is
+checked against the original's per-pair MSE loop and the plan against its marginals.
+
+Configs: ``tiny`` (2-layer 32-d student, 4-layer 48-d teacher) and ``tinybert`` (4-layer 312-d,
+12 heads, FFN 1200 student; BERT-base 12-layer 768-d teacher), random weights.
+
+Usage: python benchmarks/bench_distill_step.py [--quick] [--device cpu|cuda] [--no-csv]
+Rows go to benchmarks/results/distill_step.csv with machine, versions, commit and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import append_csv, markdown_table, provenance  # noqa: E402
+
+CONFIGS = {
+    # name: (student layers, d, heads, ffn), (teacher layers, d, heads, ffn)
+    "tiny": ((2, 32, 4, 64), (4, 48, 4, 96)),
+    "tinybert": ((4, 312, 12, 1200), (12, 768, 12, 3072)),
+}
+LOSSES = ("emd", "skip", "pred")
+
+
+def _model(layers: int, d: int, heads: int, ffn: int, seed: int, device: str):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=1000,
+        hidden_size=d,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=ffn,
+        max_position_embeddings=512,
+        num_labels=3,
+    )
+    return BertForSequenceClassification._from_config(cfg, attn_implementation="sdpa").to(device)
+
+
+def _loss(kind: str, student, teacher):
+    from bert_emd.nn import BertEMDLoss
+
+    if kind == "emd":
+        return BertEMDLoss.from_models(student, teacher, attention_source="scores")
+    if kind == "skip":
+        return BertEMDLoss.from_models(student, teacher, attention_source="scores", mapping="skip")
+    return BertEMDLoss.from_models(
+        student, teacher, use_attention=False, use_hidden=False, use_embedding=False, use_prediction=True
+    )
+
+
+def _check(student, teacher, batch, device: str) -> None:
+    """EMD hidden term = sum(plan * D) with D from the original's per-pair MSE loop; plan feasible."""
+    import torch.nn.functional as F
+    from bert_emd.nn import BertEMDLoss
+
+    loss_fn = BertEMDLoss.from_models(student, teacher, attention_source="scores").to(device)
+    ids, mask, y = batch
+    with torch.no_grad():
+        so = student(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        to = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        ws = loss_fn.layer_weights.student_weight.clone()
+        wt = loss_fn.layer_weights.teacher_weight.clone()
+        _, parts = loss_fn(so, to, labels=y, attention_mask=mask)
+        hs = [loss_fn.projection(h) for h in so.hidden_states[1:]]
+        d = torch.tensor([[float(F.mse_loss(s, t)) for t in to.hidden_states[1:]] for s in hs])
+        plan = loss_fn.hidden_loss.last_plan.double().cpu()
+    loss_fn.detach_models()
+    ref = float((plan * d.double()).sum())
+    got = float(parts["hidden"])
+    if abs(got - ref) > 1e-4 * max(1.0, abs(ref)):
+        raise AssertionError(f"EMD hidden term {got} != sum(plan * per-pair MSE) {ref}")
+    if (plan.sum(1) - ws.cpu()).abs().max() > 1e-5 or (plan.sum(0) - wt.cpu()).abs().max() > 1e-5:
+        raise AssertionError("EMD plan does not meet the layer-weight marginals")
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def bench_config(name: str, batch: int, seq: int, repeats: int, warmup: int, device: str) -> list[dict]:
+    (sl, sd, sh, sf), (tl, td, th, tf) = CONFIGS[name]
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 1000, (batch, seq), generator=g).to(device)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[: batch // 2, seq - seq // 4 :] = 0  # some padding
+    mask = mask.to(device)
+    y = torch.randint(0, 3, (batch,), generator=g).to(device)
+
+    # One student and one teacher for all losses; each loss hooks them only while it is timed.
+    student = _model(sl, sd, sh, sf, 1, device).train()
+    teacher = _model(tl, td, th, tf, 2, device).eval()
+    losses = {kind: _loss(kind, student, teacher).to(device) for kind in LOSSES}
+    for loss_fn in losses.values():
+        loss_fn.detach_models()
+    _check(student, teacher, (ids, mask, y), device)
+
+    def step(kind: str) -> None:
+        student.zero_grad(set_to_none=True)
+        need_h = kind != "pred"
+        so = student(input_ids=ids, attention_mask=mask, output_hidden_states=need_h)
+        with torch.no_grad():
+            to = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=need_h)
+        total, _ = losses[kind](so, to, labels=y, attention_mask=mask)
+        total.backward()
+
+    def timed(kind: str) -> float:
+        if kind != "pred":
+            losses[kind].attach(student, teacher)
+        t0 = time.perf_counter()
+        step(kind)
+        _sync(device)
+        dt = time.perf_counter() - t0
+        losses[kind].detach_models()
+        return dt
+
+    for kind in LOSSES:
+        for _ in range(warmup):
+            timed(kind)
+    # Interleave the losses round by round so that load from other processes hits all alike.
+    samples: dict[str, list[float]] = {k: [] for k in LOSSES}
+    for _ in range(repeats):
+        for kind in LOSSES:
+            samples[kind].append(timed(kind))
+
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    rows = []
+    for kind in LOSSES:
+        rows.append(
+            {
+                "config": name,
+                "loss": kind,
+                "batch": batch,
+                "seq": seq,
+                "student": f"{sl}L-{sd}d-{sh}h",
+                "teacher": f"{tl}L-{td}d-{th}h",
+                "step_ms": med[kind] * 1e3,
+                "min_ms": min(samples[kind]) * 1e3,
+                "vs_skip": med[kind] / med["skip"],
+                "vs_skip_min": min(samples[kind]) / min(samples["skip"]),
+                "repeats": repeats,
+            }
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    p.add_argument("--quick", action="store_true", help="small batches and few repeats (< 1 min on CPU)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--configs", default="tiny,tinybert", help="comma-separated subset of tiny,tinybert")
+    p.add_argument("--batch", type=int, default=None, help="batch size (default: 8, quick 4; tiny: 32)")
+    p.add_argument("--seq", type=int, default=None, help="sequence length (default: 64, quick 32)")
+    p.add_argument("--repeats", type=int, default=None, help="timed steps per loss (default 9, quick 5)")
+    p.add_argument("--no-csv", action="store_true", help="do not append to benchmarks/results")
+    p.add_argument("--out-dir", default=None, help="CSV folder (default benchmarks/results)")
+    args = p.parse_args(argv)
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("CUDA requested but not available", file=sys.stderr)
+        return 2
+    repeats = args.repeats or (5 if args.quick else 9)
+    warmup = 1 if args.quick else 2
+    prov = provenance(args.device)
+    try:
+        import transformers
+
+        prov["transformers"] = transformers.__version__
+    except ImportError:
+        print("transformers is needed (pip install bert-emd[hf])", file=sys.stderr)
+        return 2
+    prov["device"] = args.device
+    # CPU timings on a shared machine are only as good as its load: record it with the rows.
+    prov["load1"] = f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "-"
+
+    rows = []
+    for name in [c.strip() for c in args.configs.split(",") if c.strip()]:
+        if name not in CONFIGS:
+            print(f"unknown config {name!r}; choose from {', '.join(CONFIGS)}", file=sys.stderr)
+            return 2
+        if name == "tiny":
+            batch, seq = args.batch or 32, args.seq or 32
+            reps = args.repeats or 4 * repeats  # short, noisy steps: more samples
+        else:
+            batch = args.batch or (4 if args.quick else 8)
+            seq = args.seq or (32 if args.quick else 64)
+            reps = repeats
+        rows += bench_config(name, batch, seq, reps, warmup, args.device)
+
+    print(f"# {prov['machine']} | torch {prov['torch']} | transformers {prov['transformers']}", end="")
+    print(f" | commit {prov['commit']} | {prov['date']} | load {prov['load1']}")
+    print(markdown_table(rows, ["config", "loss", "batch", "seq", "step_ms", "min_ms", "vs_skip", "vs_skip_min"]))
+    for name in {r["config"] for r in rows}:
+        emd_row = next(r for r in rows if r["config"] == name and r["loss"] == "emd")
+        verdict = "meets" if emd_row["vs_skip"] <= 1.10 else "misses"
+        print(
+            f"{name}: EMD step / skip step = {emd_row['vs_skip']:.3f} median, "
+            f"{emd_row['vs_skip_min']:.3f} best-of ({verdict} the 10% target on the median)"
+        )
+    if not args.no_csv:
+        path = append_csv("distill_step", [{**prov, **r} for r in rows], args.out_dir)
+        print(f"appended {len(rows)} rows to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
