@@ -235,7 +235,11 @@ def _check_status(status: torch.Tensor, cost: torch.Tensor, a, b, what: str) -> 
         return
     if bool((status == EMDStatus.INVALID).any()):
         check_emd_inputs(cost, a, b)  # raises the ValueError naming the argument and element
-        raise ValueError("emd: invalid input (a problem was rejected by the solver)")
+        # valid inputs, yet a problem failed: Sinkhorn's iterates left float64 (C / reg too large)
+        raise FloatingPointError(
+            "emd: a problem produced non-finite values (status == INVALID); for Sinkhorn, increase reg "
+            "or use method='exact'"
+        )
     stopped = int((status == EMDStatus.MAX_ITER).sum())
     warnings.warn(
         f"emd: {stopped} problem(s) reached {what} (status == MAX_ITER): their plans are feasible "
