@@ -25,7 +25,11 @@ _OP_BACKENDS: dict[str, dict[str, tuple[str, ...]]] = {
     "emd": {"cpu": ("cpu", "torch"), "cuda": ("cuda", "torch")},
     "layer_costs": {"cpu": ("cpu", "torch"), "cuda": ("triton", "torch")},
     "sinkhorn": {"cpu": ("cpu", "torch"), "cuda": ("triton", "torch")},
+    "attention_costs": {"cpu": ("cpu", "torch"), "cuda": ("triton", "torch")},
 }
+
+# Ops whose ``cpu`` backend is PyTorch code (no kernel in bert_emd._C to look for).
+_PYTHON_CPU_OPS = frozenset({"attention_costs"})
 
 # The TORCH_LIBRARY op whose CPU / CUDA kernels implement the "cpu" / "cuda" backends.
 _CPP_OPS = {"emd": "bert_emd::emd_exact", "layer_costs": "bert_emd::layer_costs_fwd", "sinkhorn": "bert_emd::sinkhorn"}
@@ -72,6 +76,8 @@ def unavailable_reason(op: str, backend: str, device_type: str) -> str | None:
         return None
     if backend == "triton":
         return _triton_reason(device_type)
+    if backend == "cpu" and op in _PYTHON_CPU_OPS:
+        return None if device_type == "cpu" else f"the cpu backend needs CPU tensors, got {device_type}"
     if not _ext.has_extension():
         return _ext.extension_error()
     key = {"cpu": "CPU", "cuda": "CUDA"}[backend]

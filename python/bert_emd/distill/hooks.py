@@ -149,6 +149,27 @@ class AttentionScoreCapture:
     def __exit__(self, *exc) -> None:
         self.remove()
 
+    def queries_keys(self) -> list[tuple[Tensor, Tensor]]:
+        """Per-head queries and keys of the last forward, one (q, k) pair [B, H, L, d_head] per
+        attention call: views of the projection outputs (no copy), the input of
+        :func:`bert_emd.attention_costs`, which forms the scores tile by tile and never stores a
+        [B, H, L, L] map. Differentiable w.r.t. the model's parameters when the forward was."""
+        if not self._q:
+            raise RuntimeError("no attention captured: run a forward of the hooked model first")
+        if len(self._q) != len(self._k):
+            raise RuntimeError(f"captured {len(self._q)} query but {len(self._k)} key projections")
+        out = []
+        for (qi, q), (ki, k) in zip(self._q, self._k):
+            if qi != ki:
+                raise RuntimeError(f"query of layer {qi} paired with key of layer {ki}")
+            spec = self.specs[qi]
+            if q.shape[:-1] != k.shape[:-1]:
+                raise ValueError(f"{spec.name}: query {tuple(q.shape)} and key {tuple(k.shape)} differ")
+            b, length = q.shape[0], q.shape[1]
+            out.append((q.view(b, length, spec.num_heads, spec.head_size).transpose(1, 2),
+                        k.view(b, length, spec.num_heads, spec.head_size).transpose(1, 2)))
+        return out
+
     def scores(self, attention_mask: Tensor | None = None, *, mask_value: float = -10000.0) -> list[Tensor]:
         """Pre-softmax scores of the last forward, one [B, H, L, L] tensor per attention call.
 
@@ -160,22 +181,11 @@ class AttentionScoreCapture:
             attention_mask: [B, L] 0/1 token mask given to the model, or None (no padding).
             mask_value: additive value at padded keys.
         """
-        if not self._q:
-            raise RuntimeError("no attention captured: run a forward of the hooked model first")
-        if len(self._q) != len(self._k):
-            raise RuntimeError(f"captured {len(self._q)} query but {len(self._k)} key projections")
         add = None
         out = []
-        for (qi, q), (ki, k) in zip(self._q, self._k):
-            if qi != ki:
-                raise RuntimeError(f"query of layer {qi} paired with key of layer {ki}")
-            spec = self.specs[qi]
-            if q.shape[:-1] != k.shape[:-1]:
-                raise ValueError(f"{spec.name}: query {tuple(q.shape)} and key {tuple(k.shape)} differ")
-            b, length = q.shape[0], q.shape[1]
-            qh = q.view(b, length, spec.num_heads, spec.head_size).transpose(1, 2)
-            kh = k.view(b, length, spec.num_heads, spec.head_size).transpose(1, 2)
-            s = torch.matmul(qh, kh.transpose(-1, -2)) * (spec.head_size**-0.5)
+        for qh, kh in self.queries_keys():
+            b, length, head_size = qh.shape[0], qh.shape[2], qh.shape[3]
+            s = torch.matmul(qh, kh.transpose(-1, -2)) * (head_size**-0.5)
             if attention_mask is not None:
                 if add is None:
                     if attention_mask.shape != (b, length):

@@ -152,6 +152,12 @@ class BertEMDLoss(nn.Module):
             (W is not inside the student's DDP wrapper); turn off if you synchronise it yourself.
         eps: floor of the layer weights.
         backend: backend of ``layer_costs`` and ``emd``, or a dict per op (``{"emd": "cpu"}``).
+        fused_attention: compute the attention costs from the hooked queries and keys with
+            ``bert_emd.attention_costs`` (either source), never materialising a [B, H, L, L] map:
+            memory independent of L^2, and both models may run SDPA / flash attention (no
+            ``output_attentions``). Needs the hooks (:meth:`from_models` or :meth:`attach`).
+            ``"probs"`` are then the softmax before attention dropout, and relative position
+            biases (MPNet) are not included.
 
     The projection W is a parameter of this module: give ``loss.parameters()`` to the optimizer
     together with the student's. The layer weights are buffers: they are in ``state_dict``.
@@ -187,6 +193,7 @@ class BertEMDLoss(nn.Module):
         sync_projection_grads: bool = True,
         eps: float = 1e-6,
         backend: str | dict[str, str] = "auto",
+        fused_attention: bool = False,
     ) -> None:
         super().__init__()
         if attention_source not in ("probs", "scores"):
@@ -203,6 +210,7 @@ class BertEMDLoss(nn.Module):
         self.num_student_layers, self.num_teacher_layers = num_student_layers, num_teacher_layers
         self.beta, self.theta, self.temperature, self.alpha = beta, theta, temperature, alpha
         self.attention_source = attention_source
+        self.fused_attention = fused_attention
         self.use_attention, self.use_hidden = use_attention, use_hidden
         self.use_embedding, self.use_prediction = use_embedding, use_prediction
         self.token_mask = token_mask
@@ -237,7 +245,10 @@ class BertEMDLoss(nn.Module):
             cost_attention=shared,
             backend=backend,
         )
-        self.attention_loss = LayerEMDLoss(m, n, attention_floor=attention_floor, **common)
+        self.attention_loss = LayerEMDLoss(
+            m, n, attention_floor=attention_floor, fused_attention=attention_source if fused_attention else None,
+            **common,
+        )
         self.hidden_loss = LayerEMDLoss(m, n, **common)
         self._captures: dict[str, Any] = {}
 
@@ -249,12 +260,13 @@ class BertEMDLoss(nn.Module):
         m, d_s = _config_sizes(student)
         n, d_t = _config_sizes(teacher)
         loss = cls(m, n, d_s, d_t, **kwargs)
-        if loss.attention_source == "scores" and loss.use_attention:
+        if (loss.attention_source == "scores" or loss.fused_attention) and loss.use_attention:
             loss.attach(student, teacher)
         return loss
 
     def attach(self, student: nn.Module, teacher: nn.Module) -> None:
-        """Hook the query/key projections of both models (``attention_source="scores"``)."""
+        """Hook the query/key projections of both models (``attention_source="scores"`` or
+        ``fused_attention=True``)."""
         from ..distill.hooks import AttentionScoreCapture
 
         self.detach_models()
@@ -283,7 +295,8 @@ class BertEMDLoss(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"beta={self.beta}, theta={self.theta}, T={self.temperature}, alpha={self.alpha}, "
-            f"attention_source={self.attention_source!r}, share_weights={self.share_weights}"
+            f"attention_source={self.attention_source!r}, fused_attention={self.fused_attention}, "
+            f"share_weights={self.share_weights}"
         )
 
     # ------------------------------------------------------------------ features
@@ -296,6 +309,18 @@ class BertEMDLoss(nn.Module):
                 f"{who} returned {len(hs)} hidden states, expected {expected + 1} (embeddings + {expected} layers)"
             )
         return hs
+
+    def _queries_keys(self, who: str, expected: int) -> list[tuple[Tensor, Tensor]]:
+        cap = self._captures.get(who)
+        if cap is None:
+            raise RuntimeError(
+                "fused_attention=True needs the models hooked: build the loss with "
+                "BertEMDLoss.from_models(student, teacher, ...) or call loss.attach(student, teacher)"
+            )
+        qk = cap.queries_keys()
+        if len(qk) != expected:
+            raise ValueError(f"{who} has {len(qk)} attention layers, expected {expected} (one per layer)")
+        return qk
 
     def _attentions(self, outputs: Any, who: str, expected: int, mask: Tensor | None) -> Sequence[Tensor]:
         if self.attention_source == "scores":
@@ -377,10 +402,15 @@ class BertEMDLoss(nn.Module):
             zero = proj_s[0].new_zeros((), dtype=torch.float32)
         att_term = hid_term = emb_term = None
         if self.use_attention:
-            att_s = self._attentions(student_outputs, "student", m, attention_mask)
-            att_t = [a.detach() for a in self._attentions(teacher_outputs, "teacher", n, attention_mask)]
-            self._check_attention(att_s, att_t)
-            att_term, _, _ = self.attention_loss.transport(att_s, att_t, mask)
+            if self.fused_attention:  # (q, k) pairs; attention_costs checks heads and lengths
+                att_s = self._queries_keys("student", m)
+                att_t = [(q.detach(), k.detach()) for q, k in self._queries_keys("teacher", n)]
+                att_term, _, _ = self.attention_loss.transport(att_s, att_t, mask, attention_mask)
+            else:
+                att_s = self._attentions(student_outputs, "student", m, attention_mask)
+                att_t = [a.detach() for a in self._attentions(teacher_outputs, "teacher", n, attention_mask)]
+                self._check_attention(att_s, att_t)
+                att_term, _, _ = self.attention_loss.transport(att_s, att_t, mask)
             total_layers.append(self.attention_loss)
             zero = att_term.new_zeros(()) if zero is None else zero
         if self.use_hidden:

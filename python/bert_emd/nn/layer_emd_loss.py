@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..ops.attention_costs import attention_costs
 from ..ops.emd import emd
 from ..ops.layer_costs import layer_costs
 from .cost_attention import CostAttention, Normalize
@@ -136,6 +137,11 @@ class LayerEMDLoss(nn.Module):
             of an own one; it is not registered as a submodule here.
         backend: backend of ``layer_costs`` and ``emd`` (``"auto"``, ``"cpu"``, ...), or a dict
             per op, e.g. ``{"layer_costs": "torch"}`` (ops not named use ``"auto"``).
+        fused_attention: ``"scores"`` or ``"probs"``: the layers are (query, key) pairs
+            [B, H, L, d_head] and the costs come from ``bert_emd.attention_costs`` (the maps of
+            that source, never materialised; pass the models' ``attention_mask`` to
+            :meth:`transport` / :meth:`forward`). None (default): the layers are the maps.
+        mask_value: additive score of padded keys with ``fused_attention`` (the original's -10000).
 
     Attributes for logging: ``last_cost`` [M, N] (or [B, M, N]), ``last_plan`` (same shape),
     ``student_weight`` [M], ``teacher_weight`` [N].
@@ -155,10 +161,16 @@ class LayerEMDLoss(nn.Module):
         update_weights: bool = True,
         cost_attention: CostAttention | None = None,
         backend: str | dict[str, str] = "auto",
+        fused_attention: Literal["scores", "probs"] | None = None,
+        mask_value: float = -10000.0,
     ) -> None:
         super().__init__()
         if mapping not in _MAPPINGS:
             raise ValueError(f"mapping must be one of {_MAPPINGS}, got {mapping!r}")
+        if fused_attention not in (None, "scores", "probs"):
+            raise ValueError(f"fused_attention must be None, 'scores' or 'probs', got {fused_attention!r}")
+        self.fused_attention = fused_attention
+        self.mask_value = mask_value
         self.num_student_layers = num_student_layers
         self.num_teacher_layers = num_teacher_layers
         self.mapping = mapping
@@ -218,7 +230,8 @@ class LayerEMDLoss(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"M={self.num_student_layers}, N={self.num_teacher_layers}, mapping={self.mapping!r}, "
-            f"per_sample={self.per_sample}, attention_floor={self.attention_floor}"
+            f"per_sample={self.per_sample}, attention_floor={self.attention_floor}, "
+            f"fused_attention={self.fused_attention!r}"
         )
 
     def _check(self, student: Layers, teacher: Layers) -> None:
@@ -229,8 +242,22 @@ class LayerEMDLoss(nn.Module):
                 f"layers, got {m} and {n}"
             )
 
-    def costs(self, student: Layers, teacher: Layers, mask: Tensor | None = None) -> Tensor:
+    def costs(
+        self, student: Layers, teacher: Layers, mask: Tensor | None = None, attention_mask: Tensor | None = None
+    ) -> Tensor:
         """Full cost matrix D [M, N] (or [B, M, N] with ``per_sample``), fp32, differentiable."""
+        if self.fused_attention is not None:
+            return attention_costs(
+                student,
+                teacher,
+                mask=mask,
+                attention_mask=attention_mask,
+                source=self.fused_attention,
+                attention_floor=self.attention_floor,
+                per_sample=self.per_sample,
+                mask_value=self.mask_value,
+                backend=self._backend("attention_costs"),
+            )
         return layer_costs(
             student,
             teacher,
@@ -240,20 +267,23 @@ class LayerEMDLoss(nn.Module):
             backend=self._backend("layer_costs"),
         )
 
-    def transport(self, student: Layers, teacher: Layers, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def transport(
+        self, student: Layers, teacher: Layers, mask: Tensor | None = None, attention_mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Loss, cost D and plan F of this step, without updating the weights.
 
         Args:
             student: M tensors [B, ...] (a list/tuple, or one tensor [M, B, ...]).
             teacher: N tensors [B, ...] of the same per-layer shape.
             mask: optional token mask [B, L] (1 = real token) passed to ``layer_costs``.
+            attention_mask: with ``fused_attention``, the [B, L] mask the models were given.
         Returns:
             (loss [], cost [M, N] or [B, M, N], plan of the same shape). For fixed mappings the
             cost holds only the pairs the mapping uses (0 elsewhere) and the plan is constant.
         """
         self._check(student, teacher)
         if self.mapping == "emd":
-            cost = self.costs(student, teacher, mask)
+            cost = self.costs(student, teacher, mask, attention_mask)
             # Every rank solves the problem of the global batch (average of the local costs);
             # the loss keeps the local cost so DDP's gradient averaging gives the global gradient.
             solve_cost = cost if self.per_sample else _all_reduce_mean(cost.detach())
@@ -262,7 +292,7 @@ class LayerEMDLoss(nn.Module):
             plan = _solve(solve_cost, w.student_weight, w.teacher_weight, self._backend("emd"))
             plan = plan.to(cost.dtype)
         else:
-            cost, plan = self._fixed_costs(student, teacher, mask)
+            cost, plan = self._fixed_costs(student, teacher, mask, attention_mask)
             solve_cost = cost.detach()
         per_problem = (plan * cost).sum((-2, -1))
         loss = per_problem.mean() if per_problem.dim() else per_problem
@@ -270,14 +300,20 @@ class LayerEMDLoss(nn.Module):
         self.last_cost, self.last_plan = solve_cost.detach(), plan.detach()
         return loss, cost, plan
 
-    def _fixed_costs(self, student: Layers, teacher: Layers, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _fixed_costs(
+        self, student: Layers, teacher: Layers, mask: Tensor | None, attention_mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         m, n = self.num_student_layers, self.num_teacher_layers
         if self.mapping == "uniform":
-            cost = self.costs(student, teacher, mask)
+            cost = self.costs(student, teacher, mask, attention_mask)
         else:
             # Only the M (or 1) mapped pairs, one plain MSE each, as TinyBERT's loop.
             floor, ps = self.attention_floor, self.per_sample
-            vals = [_pair_cost(student[i], teacher[j], mask, ps, floor) for i, j in zip(self._rows, self._cols)]
+            if self.fused_attention is not None:  # one fused 1 x 1 cost per mapped pair
+                vals = [self.costs([student[i]], [teacher[j]], mask, attention_mask)[..., 0, 0]
+                        for i, j in zip(self._rows, self._cols)]
+            else:
+                vals = [_pair_cost(student[i], teacher[j], mask, ps, floor) for i, j in zip(self._rows, self._cols)]
             vals = torch.stack(vals, -1)  # [P] or [B, P]
             idx = self._fixed_index.to(vals.device)
             flat = vals.new_zeros(*vals.shape[:-1], m * n).index_copy(-1, idx, vals)  # [M*N] or [B, M*N]
@@ -307,10 +343,12 @@ class LayerEMDLoss(nn.Module):
             cs, ct = both[: cs.shape[0]], both[cs.shape[0] :]
         return cs, ct
 
-    def forward(self, student: Layers, teacher: Layers, mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self, student: Layers, teacher: Layers, mask: Tensor | None = None, attention_mask: Tensor | None = None
+    ) -> Tensor:
         """EMD loss [] of ``student`` (M x [B, ...]) against ``teacher`` (N x [B, ...]); updates
         the layer weights afterwards when ``update_weights`` (and the weights are owned here)."""
-        loss, cost, plan = self.transport(student, teacher, mask)
+        loss, cost, plan = self.transport(student, teacher, mask, attention_mask)
         if self.mapping == "emd" and self.update_weights and not self._external:
             self.update()
         return loss
