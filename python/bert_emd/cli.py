@@ -1,5 +1,6 @@
 """The ``bert-emd`` command: ``info`` (what is built and usable here, and why the rest is not),
-``bench`` (kernel micro-benchmarks), and the training commands as they land."""
+``bench`` (kernel micro-benchmarks), ``finetune`` / ``distill`` / ``evaluate`` / ``plot``
+(distillation with Hugging Face Trainer), ``demo`` (the offline demo), ``mtl`` (multi-task)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ BENCHES: dict[str, str] = {
     "emd": "bench_emd",
     "costs": "bench_layer_costs",
     "sinkhorn": "bench_sinkhorn",
+    "attention": "bench_attention_costs",
     "distill-step": "bench_distill_step",
 }
 
@@ -91,8 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="kernel micro-benchmarks (extra flags go to the script, e.g. --quick)")
     b.add_argument("which", choices=sorted(BENCHES), help="which benchmark")
     from .distill.cli_commands import add_subcommands
+    from .mtl.cli_commands import add_subcommands as add_mtl_subcommands
 
-    add_subcommands(sub)
+    add_subcommands(sub)  # finetune, distill, evaluate, plot, demo
+    add_mtl_subcommands(sub)  # mtl {train, evaluate, demo}
+    sub.choices["demo"].add_argument(
+        "--mtl", action="store_true", help="the multi-task demo instead: tweets (sentiment) + BBC News (topics)"
+    )
     return p
 
 
@@ -101,6 +108,17 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
         return cmd_bench(args, rest)
+    if args.command == "mtl":
+        from .mtl.cli_commands import dispatch as dispatch_mtl
+
+        return dispatch_mtl(args, rest)
+    if args.command == "demo" and args.mtl:
+        from .mtl.demo import run_mtl_demo
+
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        run_mtl_demo(args)
+        return 0
     from .distill.cli_commands import COMMANDS, dispatch
 
     if args.command in COMMANDS:

@@ -1,0 +1,306 @@
+"""``DistillationTrainer``: BERT-EMD distillation on top of Hugging Face ``Trainer``.
+
+Everything a ``Trainer`` does is kept -- accelerate / torchrun (DDP, FSDP), bf16, gradient
+accumulation, checkpoints and resume, logging, progress bars, evaluation -- and three things are
+added:
+
+- a frozen teacher (eval mode, no gradient, never part of ``self.model``, so never saved into a
+  student checkpoint) run on every training batch next to the student;
+- the student's loss is :class:`bert_emd.nn.BertEMDLoss` (or any loss module with the same call
+  signature); its parameters (the projection W) join the optimizer as their own parameter
+  groups and are clipped with the student's;
+- the loss's state (projection and ``CostAttention`` layer weights) is saved into every
+  checkpoint folder (``distill_loss.pt``, written atomically) and restored on resume, so a killed
+  run that resumes reaches the weights of an uninterrupted one; the last transport plans and
+  costs go to ``transport.json`` beside it.
+
+At every logging step the loss parts (``loss_attention``, ``loss_hidden``, ``loss_embedding``,
+``loss_prediction``, ... averaged over the steps since the last log, on this process) and the
+current layer weights (``w_student.i``, ``w_teacher.j``; ``w_student_attention.i`` ... when
+attention and hidden keep separate weights) are added to the logs and so to
+``trainer_state.json``'s ``log_history``, which ``bert-emd plot`` reads.
+
+Evaluation runs the student alone (its own task loss and logits); it never updates the layer
+weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import Trainer, TrainerCallback
+
+__all__ = ["LOSS_STATE_NAME", "TRANSPORT_NAME", "DistillationTrainer", "atomic_save", "loss_weights", "transport_state"]
+
+LOSS_STATE_NAME = "distill_loss.pt"
+TRANSPORT_NAME = "transport.json"
+logger = logging.getLogger(__name__)
+
+
+def atomic_save(obj: Any, path: str, *, as_json: bool = False) -> None:
+    """Write ``obj`` to ``path`` through a temporary file in the same folder and ``os.replace``,
+    so a crash never leaves a half-written file under the final name."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if as_json:
+                f.write(json.dumps(obj, indent=1).encode())
+            else:
+                torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _tolist(t: Tensor | None) -> list | None:
+    return None if t is None else t.detach().double().cpu().tolist()
+
+
+def loss_weights(loss: nn.Module) -> dict[str, list[float]]:
+    """Current layer weights of a :class:`BertEMDLoss` for logging: ``{"student": [M],
+    "teacher": [N]}`` when shared, else per feature (``"student_attention"``, ...); empty for
+    fixed mappings."""
+    out: dict[str, list[float]] = {}
+    if getattr(loss, "mapping", "emd") != "emd":
+        return out
+    shared = getattr(loss, "layer_weights", None)
+    if shared is not None:
+        out["student"] = _tolist(shared.student_weight)
+        out["teacher"] = _tolist(shared.teacher_weight)
+        return out
+    for feature in ("attention", "hidden"):
+        part = getattr(loss, f"{feature}_loss", None)
+        if part is None or part.weights is None or not getattr(loss, f"use_{feature}", True):
+            continue
+        out[f"student_{feature}"] = _tolist(part.student_weight)
+        out[f"teacher_{feature}"] = _tolist(part.teacher_weight)
+    return out
+
+
+def transport_state(loss: nn.Module) -> dict[str, Any]:
+    """JSON-able summary of the loss's last step: per feature the plan F [M, N] and cost D
+    [M, N] (batch-mean for ``per_sample``), plus the layer weights and the mapping."""
+    out: dict[str, Any] = {"mapping": getattr(loss, "mapping", None), "weights": loss_weights(loss)}
+    for feature in ("attention", "hidden"):
+        part = getattr(loss, f"{feature}_loss", None)
+        if part is None or not getattr(loss, f"use_{feature}", True) or part.last_plan is None:
+            continue
+        plan, cost = part.last_plan, part.last_cost
+        if plan.dim() > 2:  # per-sample problems: report the batch mean
+            plan, cost = plan.mean(0), cost.mean(0)
+        out[feature] = {"plan": _tolist(plan), "cost": _tolist(cost)}
+    return out
+
+
+class DistillationTrainer(Trainer):
+    """A ``transformers.Trainer`` that trains ``model`` (the student) to imitate ``teacher``.
+
+    Args:
+        model: the student, a Hugging Face ``*ForSequenceClassification`` model.
+        args: ``TrainingArguments`` (every option works as with ``Trainer``).
+        teacher: the fine-tuned teacher (same tokenizer and label set). It is put in eval mode,
+            its parameters get ``requires_grad=False``, and it is moved to ``args.device``.
+        distill_loss: a :class:`bert_emd.nn.BertEMDLoss` (built with
+            ``BertEMDLoss.from_models(student, teacher, ...)`` when it uses attention scores), or
+            any module called as ``loss(student_outputs, teacher_outputs, labels=...,
+            attention_mask=...) -> (total [], parts {name: []})``.
+        **kwargs: everything else ``Trainer`` takes (datasets, collator, ``compute_metrics``,
+            ``processing_class``, callbacks, ...). An ``optimizers=(opt, sched)`` pair replaces
+            the built-in optimizer: it must then include ``distill_loss.parameters()`` itself.
+
+    Inputs of every batch: ``input_ids``, ``attention_mask`` (and ``token_type_ids``) of the
+    teacher's tokenizer, and ``labels`` ([B] int64 classes or float targets).
+    """
+
+    # compute_loss returns a per-batch mean: Trainer divides it by the accumulation steps.
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, model: nn.Module | None = None, args: Any = None, *, teacher: nn.Module,
+                 distill_loss: nn.Module, **kwargs: Any) -> None:
+        if teacher is None or distill_loss is None:
+            raise ValueError("DistillationTrainer needs both teacher= and distill_loss=")
+        self.teacher = teacher
+        self.distill_loss = distill_loss
+        self._parts_sum: dict[str, Tensor] = {}
+        self._parts_steps = 0
+        super().__init__(model=model, args=args, **kwargs)
+        self.teacher.eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.teacher.to(self.args.device)
+        self.distill_loss.to(self.args.device)
+        # Trainer zeroes only the model's gradients (model.zero_grad()): zero the loss's too.
+        self.add_callback(_ZeroLossGrads(self.distill_loss))
+        self._wants_attention_maps = bool(
+            getattr(distill_loss, "use_attention", False) and getattr(distill_loss, "attention_source", "") == "probs"
+        )
+        if self._wants_attention_maps:
+            for who, m in (("student", self.model), ("teacher", self.teacher)):
+                _ensure_eager(m, who)
+
+    # ------------------------------------------------------------------ optimisation
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """Trainer's optimizer over the student, plus the loss's parameters (projection W) as two
+        more groups (weights with ``args.weight_decay``, biases without)."""
+        fresh = self.optimizer is None
+        opt = super().create_optimizer(model)
+        if fresh:
+            loss_params = [(n, p) for n, p in self.distill_loss.named_parameters() if p.requires_grad]
+            decay = [p for n, p in loss_params if not n.endswith("bias")]
+            no_decay = [p for n, p in loss_params if n.endswith("bias")]
+            if decay:
+                opt.add_param_group({"params": decay, "weight_decay": self.args.weight_decay})
+            if no_decay:
+                opt.add_param_group({"params": no_decay, "weight_decay": 0.0})
+        return opt
+
+    def _clip_grad_norm(self, model: nn.Module) -> Any:
+        """Clip the student's and the loss's gradients together (one global norm)."""
+        from accelerate.utils import DistributedType
+
+        extra = [p for p in self.distill_loss.parameters() if p.requires_grad]
+        plain = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+        if not extra or self.accelerator.distributed_type not in plain:
+            return super()._clip_grad_norm(model)  # FSDP / DeepSpeed / XLA clip the model only
+        params = [p for p in model.parameters()] + extra
+        return self.accelerator.clip_grad_norm_(params, self.args.max_grad_norm)
+
+    # ------------------------------------------------------------------ loss
+    def _teacher_autocast(self) -> Any:
+        autocast = getattr(self.accelerator, "autocast", None)
+        return autocast() if autocast is not None else nullcontext()
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Tensor | tuple[Tensor, Any]:
+        """Training: BERT-EMD loss of the student against the teacher on this batch (a mean over
+        the batch). Evaluation (``model.training`` False): the student's own task loss."""
+        if not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        labels = inputs.get("labels")
+        feeds = {k: v for k, v in inputs.items() if k != "labels"}
+        want_att = self._wants_attention_maps
+        student_out = model(**feeds, output_hidden_states=True, output_attentions=want_att)
+        with torch.no_grad(), self._teacher_autocast():
+            teacher_out = self.teacher(**feeds, output_hidden_states=True, output_attentions=want_att)
+        total, parts = self.distill_loss(
+            student_out, teacher_out, labels=labels, attention_mask=inputs.get("attention_mask")
+        )
+        with torch.no_grad():
+            for k, v in parts.items():
+                v = v.detach().float()
+                self._parts_sum[k] = self._parts_sum[k] + v if k in self._parts_sum else v.clone()
+            self._parts_steps += 1
+        return (total, student_out) if return_outputs else total
+
+    # ------------------------------------------------------------------ logging
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the loss parts (mean since the last training log) and the layer weights to every
+        training log."""
+        if "loss" in logs and self._parts_steps:
+            for k, v in self._parts_sum.items():
+                logs[f"loss_{k}"] = float(v) / self._parts_steps
+            self._parts_sum, self._parts_steps = {}, 0
+            for who, values in loss_weights(self.distill_loss).items():
+                for i, w in enumerate(values):
+                    logs[f"w_{who}.{i}"] = w
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_distill_state(self, output_dir: str) -> None:
+        """Write ``distill_loss.pt`` (the loss's ``state_dict``: projection and layer weights)
+        and ``transport.json`` (last plans, costs, weights) into ``output_dir``, atomically."""
+        atomic_save(self.distill_loss.state_dict(), os.path.join(output_dir, LOSS_STATE_NAME))
+        atomic_save(transport_state(self.distill_loss), os.path.join(output_dir, TRANSPORT_NAME), as_json=True)
+
+    def load_distill_state(self, checkpoint: str) -> None:
+        """Restore the loss's state saved by :meth:`save_distill_state` in ``checkpoint``."""
+        path = os.path.join(checkpoint, LOSS_STATE_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{checkpoint} has no {LOSS_STATE_NAME}: it is not a checkpoint of a distillation run "
+                "(the projection and layer weights could not be restored)"
+            )
+        state = torch.load(path, map_location=self.args.device, weights_only=True)
+        self.distill_loss.load_state_dict(state)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Trainer's save (the student only: the teacher is not part of ``self.model``), then the
+        loss state beside it (on the process that saves)."""
+        super().save_model(output_dir, _internal_call)
+        out = output_dir if output_dir is not None else self.args.output_dir
+        if self.args.should_save:
+            self.save_distill_state(out)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        # Called on every resume, whatever the backend (DDP, FSDP, DeepSpeed): restore ours too.
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None:
+            self.load_distill_state(checkpoint)
+
+    def _load_best_model(self) -> None:
+        super()._load_best_model()
+        best = self.state.best_model_checkpoint
+        if best and os.path.isfile(os.path.join(best, LOSS_STATE_NAME)):
+            self.load_distill_state(best)
+
+
+class _ZeroLossGrads(TrainerCallback):
+    """Zero the loss's gradients (projection W) at the start of training and after every
+    optimizer step, as ``Trainer`` does for the model; without it they would accumulate."""
+
+    def __init__(self, loss: nn.Module) -> None:
+        self.loss = loss
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.loss.zero_grad(set_to_none=True)
+        _broadcast_state(self.loss)
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.loss.zero_grad(set_to_none=True)
+
+
+def _broadcast_state(module: nn.Module) -> None:
+    """In a distributed run, give every rank rank 0's loss state (projection and layer weights):
+    the loss lives outside the student's DDP/FSDP wrapper, which only syncs the student."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    with torch.no_grad():
+        for t in module.state_dict().values():
+            dist.broadcast(t, src=0)
+
+
+def _ensure_eager(model: nn.Module, who: str) -> None:
+    """Post-softmax attention maps need eager attention: switch a model that runs SDPA."""
+    inner = getattr(model, "module", model)
+    cfg = getattr(inner, "config", None)
+    impl = getattr(cfg, "_attn_implementation", None)
+    if impl in (None, "eager"):
+        return
+    setter = getattr(inner, "set_attn_implementation", None)
+    if setter is None:
+        raise ValueError(
+            f"the {who} runs {impl!r} attention, which returns no attention maps: load it with "
+            'attn_implementation="eager" or use BertEMDLoss(attention_source="scores")'
+        )
+    logger.info("switching the %s from %s to eager attention (attention_source='probs')", who, impl)
+    setter("eager")

@@ -1,0 +1,522 @@
+"""Multi-task BERT-EMD distillation: per-task teachers (or one multi-task teacher) into one
+student with per-task heads.
+
+Per step, for every task batch k the step carries (task t_k):
+
+- hidden costs D^H_k [M, N_t] = MSE(W_g h^S_i, h^T_j) over the M student and N_t teacher
+  transformer layers (W_g: one Linear(d_S -> d_T) per teacher, shared by the tasks of a
+  multi-task teacher); attention costs D^A_k [M, N_t] over the attention maps;
+- all these transport problems (2 per task batch, or 1 with one feature off) are solved in
+  **one** batched :func:`bert_emd.emd` call: the costs are stacked into [K, M, N_max], teachers
+  with fewer layers padded with zero-weight columns (a zero-weight column carries no flow, so
+  the padded problem has the same optimum as the unpadded one);
+- each task has its own :class:`~bert_emd.nn.CostAttention` (tasks need different teacher
+  layers): its student and teacher weights are the marginals of its problems and are updated
+  from its plans and costs after the step (attention and hidden proposals averaged, as
+  :class:`~bert_emd.nn.BertEMDLoss` with shared weights);
+- task loss = loss_weight_t * (beta * (theta * (L_attn + L_hidden) + L_emb) + L_pred) + the
+  student's mechanism losses (orthogonality, adversarial), with
+  L_pred = (1 - g) * soft + g * gold; g is ``gold_weight``, or rises linearly from 0 to 1 over
+  training with ``teacher_annealing`` (Clark et al., 2019, "BAM!");
+- the step's loss is the mean of its task losses.
+
+In a distributed run the stacked cost matrices are averaged over ranks before solving, so every
+rank keeps identical layer weights; this requires every rank to process the same tasks in the
+same order in a step, which :class:`~bert_emd.mtl.samplers.MultiTaskBatchSampler` guarantees
+(one task sequence for all ranks, each rank a slice of every task batch).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..nn.bert_emd_loss import prediction_loss
+from ..nn.cost_attention import CostAttention
+from ..nn.layer_emd_loss import _all_reduce_mean
+from ..ops.emd import emd
+from ..ops.layer_costs import layer_costs
+from .model import MultiTaskModel, encoder_sizes
+from .tasks import TaskSpec
+
+__all__ = ["MultiTaskEMDLoss", "TaskDistillInput", "TeacherSet", "distillation_step", "load_teachers"]
+
+FEATURES = ("attention", "hidden")
+
+
+def _get(outputs: Any, name: str) -> Any:
+    if isinstance(outputs, Mapping):
+        return outputs.get(name)
+    return getattr(outputs, name, None)
+
+
+@dataclass
+class TaskDistillInput:
+    """One task batch of a distillation step.
+
+    Attributes:
+        task: the task name.
+        student: the student's outputs (``hidden_states`` M + 1 x [B, L, d_S], ``attentions``
+            M x [B, H, L, L] when attention is distilled, ``logits``, optional ``aux_loss`` []).
+        teacher: the teacher's outputs (``hidden_states`` N_t + 1 x [B, L, d_T], ``attentions``,
+            ``logits``), computed without gradient.
+        labels: gold labels [B] (or [B, L] tags, -100 ignored), or None.
+        attention_mask: [B, L] (1 = real token).
+    """
+
+    task: str
+    student: Any
+    teacher: Any
+    labels: Tensor | None = None
+    attention_mask: Tensor | None = None
+
+
+class MultiTaskEMDLoss(nn.Module):
+    """BERT-EMD for several tasks at once (see the module docstring).
+
+    Args:
+        tasks: the task specs (type and loss weight are read from them).
+        num_student_layers: M.
+        student_hidden_size: d_S.
+        teacher_layers: ``{task: N_t}``.
+        teacher_hidden_sizes: ``{task: d_T}``.
+        teacher_groups: ``{task: key}``; tasks with the same key share one teacher and hence one
+            projection W (default: every task its own).
+        beta, theta, T_emd, temperature: as :class:`~bert_emd.nn.BertEMDLoss`.
+        gold_weight: weight g of the gold-label loss in L_pred (soft term: 1 - g).
+        teacher_annealing: g = training progress (0 -> 1) instead of ``gold_weight``.
+        normalize: cost-attention normalisation (``"sum"``, ``"softmax"``, ``"double_softmax"``).
+        use_attention, use_hidden, use_embedding, use_prediction: switch terms on or off.
+        token_mask: average hidden / embedding costs over real tokens only.
+        update_weights: apply the cost-attention updates in :meth:`forward`.
+        eps: floor of the layer weights.
+        backend: backend of ``layer_costs`` and ``emd`` (a string, or ``{"emd": ..., "layer_costs": ...}``).
+    """
+
+    mapping = "emd"
+    attention_source = "probs"
+
+    def __init__(
+        self,
+        tasks: Sequence[TaskSpec],
+        num_student_layers: int,
+        student_hidden_size: int,
+        teacher_layers: Mapping[str, int],
+        teacher_hidden_sizes: Mapping[str, int],
+        *,
+        teacher_groups: Mapping[str, str] | None = None,
+        beta: float = 0.001,
+        theta: float = 1.0,
+        T_emd: float = 1.0,
+        temperature: float = 1.0,
+        gold_weight: float = 0.2,
+        teacher_annealing: bool = False,
+        normalize: str = "double_softmax",
+        use_attention: bool = True,
+        use_hidden: bool = True,
+        use_embedding: bool = True,
+        use_prediction: bool = True,
+        token_mask: bool = False,
+        update_weights: bool = True,
+        eps: float = 1e-6,
+        backend: str | dict[str, str] = "auto",
+    ) -> None:
+        super().__init__()
+        if not (use_attention or use_hidden or use_embedding or use_prediction):
+            raise ValueError("all loss terms are switched off")
+        if not 0 <= gold_weight <= 1:
+            raise ValueError(f"gold_weight must be in [0, 1], got {gold_weight}")
+        self.specs = {t.name: t for t in tasks}
+        for name in self.specs:
+            if name not in teacher_layers or name not in teacher_hidden_sizes:
+                raise ValueError(f"task {name!r}: no teacher layer count / hidden size given")
+        self.num_student_layers = int(num_student_layers)
+        self.beta, self.theta, self.temperature = float(beta), float(theta), float(temperature)
+        self.gold_weight, self.teacher_annealing = float(gold_weight), bool(teacher_annealing)
+        self.use_attention, self.use_hidden = use_attention, use_hidden
+        self.use_embedding, self.use_prediction = use_embedding, use_prediction
+        self.token_mask, self.update_weights, self.backend = token_mask, update_weights, backend
+        self.teacher_layers = {k: int(v) for k, v in teacher_layers.items()}
+        self.cost_attention = nn.ModuleDict(
+            {
+                name: CostAttention(
+                    self.num_student_layers, self.teacher_layers[name], normalize=normalize, temperature=T_emd, eps=eps
+                )
+                for name in self.specs
+            }
+        )
+        groups = dict(teacher_groups or {name: name for name in self.specs})
+        self.groups = {name: str(groups.get(name, name)) for name in self.specs}
+        self.projections = nn.ModuleDict()
+        for name in self.specs:
+            key = self.groups[name]
+            d_t = int(teacher_hidden_sizes[name])
+            if key in self.projections:
+                if self.projections[key].out_features != d_t:
+                    raise ValueError(f"tasks of teacher group {key!r} have different teacher hidden sizes")
+                continue
+            lin = nn.Linear(int(student_hidden_size), d_t)
+            nn.init.normal_(lin.weight, std=0.02)
+            nn.init.zeros_(lin.bias)
+            self.projections[key] = lin
+        self.last: dict[str, dict[str, Tensor]] = {}
+        self.emd_calls = 0
+
+    # ------------------------------------------------------------------ helpers
+    def _backend(self, op: str) -> str:
+        return self.backend if isinstance(self.backend, str) else self.backend.get(op, "auto")
+
+    def task_layer_weights(self) -> dict[str, dict[str, Tensor]]:
+        """``{task: {"student": [M], "teacher": [N_t]}}``, the current EMD layer weights.
+
+        (Not called ``layer_weights``: single-task code reads that attribute as one
+        :class:`~bert_emd.nn.CostAttention`.)"""
+        return {
+            name: {"student": ca.student_weight.detach().cpu(), "teacher": ca.teacher_weight.detach().cpu()}
+            for name, ca in self.cost_attention.items()
+        }
+
+    def gold_share(self, progress: float) -> float:
+        """g, the gold-label weight of L_pred at training progress in [0, 1]."""
+        if self.teacher_annealing:
+            return min(max(float(progress), 0.0), 1.0)
+        return self.gold_weight
+
+    def _hidden(self, outputs: Any, who: str, task: str, expected: int) -> Sequence[Tensor]:
+        hs = _get(outputs, "hidden_states")
+        if hs is None or len(hs) != expected + 1:
+            got = None if hs is None else len(hs)
+            raise ValueError(
+                f"task {task!r}: the {who} returned {got} hidden states, expected {expected + 1} (embeddings + "
+                f"{expected} layers; call it with output_hidden_states=True)"
+            )
+        return hs
+
+    def _attentions(self, outputs: Any, who: str, task: str, expected: int) -> Sequence[Tensor]:
+        att = _get(outputs, "attentions")
+        if att is None or len(att) != expected or any(a is None for a in att):
+            raise ValueError(
+                f"task {task!r}: the {who} returned no (or not {expected}) attention maps: call it with "
+                'output_attentions=True and load it with attn_implementation="eager", or set use_attention=False'
+            )
+        return att
+
+    def _prediction(self, spec: TaskSpec, item: TaskDistillInput, g: float) -> Tensor:
+        s, t = _get(item.student, "logits"), _get(item.teacher, "logits")
+        if s is None or t is None:
+            raise ValueError(f"task {spec.name!r}: use_prediction needs logits from the student and the teacher")
+        if s.shape != t.shape:
+            raise ValueError(
+                f"task {spec.name!r}: student logits {tuple(s.shape)} and teacher logits {tuple(t.shape)} differ "
+                "(the teacher must have the task's label set)"
+            )
+        labels = item.labels
+        kind = "regression" if spec.is_regression else "classification"
+        if spec.is_tagging:
+            if labels is not None:
+                keep = labels != -100
+            elif item.attention_mask is not None:
+                keep = item.attention_mask.bool()
+            else:
+                keep = torch.ones(s.shape[:2], dtype=torch.bool, device=s.device)
+            s, t = s[keep], t[keep]
+            labels = labels[keep] if labels is not None else None
+            if s.shape[0] == 0:
+                return _get(item.student, "logits").float().sum() * 0.0
+        loss, _, _ = prediction_loss(s, t, labels, temperature=self.temperature, alpha=1.0 - g, task=kind)
+        return loss
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, items: Sequence[TaskDistillInput], progress: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
+        """The step's loss over its task batches.
+
+        Args:
+            items: one :class:`TaskDistillInput` per task batch of the step.
+            progress: training progress in [0, 1] (teacher annealing).
+        Returns:
+            (loss [] fp32, parts): detached ``attention``, ``hidden``, ``embedding``,
+            ``prediction``, ``aux`` (means over the items) and ``<task>/<part>`` per task.
+        """
+        if not items:
+            raise ValueError("MultiTaskEMDLoss: a step needs at least one task batch")
+        m = self.num_student_layers
+        g = self.gold_share(progress)
+        problems: list[tuple[int, str, str, Tensor]] = []  # (item index, task, feature, D [M, N_t])
+        per_item: list[dict[str, Tensor]] = []
+        for idx, item in enumerate(items):
+            if item.task not in self.specs:
+                raise KeyError(f"unknown task {item.task!r}; tasks are {list(self.specs)}")
+            n = self.teacher_layers[item.task]
+            mask = item.attention_mask if self.token_mask else None
+            parts: dict[str, Tensor] = {}
+            if self.use_hidden or self.use_embedding:
+                hs_s = self._hidden(item.student, "student", item.task, m)
+                hs_t = [h.detach() for h in self._hidden(item.teacher, "teacher", item.task, n)]
+                if hs_s[0].shape[:-1] != hs_t[0].shape[:-1]:
+                    raise ValueError(
+                        f"task {item.task!r}: student hidden states {tuple(hs_s[0].shape)} and teacher "
+                        f"{tuple(hs_t[0].shape)} differ in batch or sequence length"
+                    )
+                proj = self.projections[self.groups[item.task]]
+                if self.use_hidden:
+                    d = layer_costs(
+                        [proj(h) for h in hs_s[1:]], hs_t[1:], mask=mask, backend=self._backend("layer_costs")
+                    )
+                    problems.append((idx, item.task, "hidden", d))
+                if self.use_embedding:
+                    e = proj(hs_s[0]).float()
+                    if mask is None:
+                        parts["embedding"] = F.mse_loss(e, hs_t[0].float())
+                    else:
+                        w = mask.float()[..., None]
+                        se = ((e - hs_t[0].float()) ** 2 * w).sum()
+                        parts["embedding"] = se / (w.sum() * e.shape[-1]).clamp_min(1.0)
+            if self.use_attention:
+                a_s = self._attentions(item.student, "student", item.task, m)
+                a_t = [a.detach() for a in self._attentions(item.teacher, "teacher", item.task, n)]
+                if a_s[0].shape != a_t[0].shape:
+                    raise ValueError(
+                        f"task {item.task!r}: student attention {tuple(a_s[0].shape)} and teacher attention "
+                        f"{tuple(a_t[0].shape)} differ (BERT-EMD compares head by head: equal head counts needed; "
+                        "set use_attention=False otherwise)"
+                    )
+                d = layer_costs(list(a_s), a_t, mask=mask, backend=self._backend("layer_costs"))
+                problems.append((idx, item.task, "attention", d))
+            if self.use_prediction:
+                parts["prediction"] = self._prediction(self.specs[item.task], item, g)
+            per_item.append(parts)
+
+        plans = self._solve(problems) if problems else []
+        for (idx, _task, feature, d), plan in zip(problems, plans):
+            per_item[idx][feature] = (plan.to(d.dtype) * d).sum()
+
+        total = None
+        summary: dict[str, Tensor] = {}
+        counts: dict[str, int] = {}
+        for item, parts in zip(items, per_item):
+            spec = self.specs[item.task]
+            zero = next(iter(parts.values())).new_zeros(()) if parts else torch.zeros(())
+            att = parts.get("attention", zero).float()
+            hid = parts.get("hidden", zero).float()
+            emb = parts.get("embedding", zero).float()
+            pred = parts.get("prediction", zero).float()
+            aux = _get(item.student, "aux_loss")
+            aux = zero.float() if aux is None else aux.float()
+            task_total = spec.loss_weight * (self.beta * (self.theta * (att + hid) + emb) + pred) + aux
+            total = task_total if total is None else total + task_total
+            for k, v in (("attention", att), ("hidden", hid), ("embedding", emb), ("prediction", pred), ("aux", aux)):
+                summary[k] = summary.get(k, 0.0) + v.detach()
+                summary[f"{item.task}/{k}"] = summary.get(f"{item.task}/{k}", 0.0) + v.detach()
+            summary[f"{item.task}/total"] = summary.get(f"{item.task}/total", 0.0) + task_total.detach()
+            counts[item.task] = counts.get(item.task, 0) + 1
+        assert total is not None
+        k = len(items)
+        out = {key: v / (counts[key.split("/")[0]] if "/" in key else k) for key, v in summary.items()}
+        out["gold_weight"] = torch.tensor(g)
+        if self.update_weights and problems:
+            self._update(problems, plans)
+        return total / k, out
+
+    def _solve(self, problems: list[tuple[int, str, str, Tensor]]) -> list[Tensor]:
+        """Solve every problem of the step in one batched EMD call; plans [M, N_t] each."""
+        m = self.num_student_layers
+        n_max = max(d.shape[-1] for *_, d in problems)
+        costs, a, b = [], [], []
+        for _, task, _, d in problems:
+            ca = self.cost_attention[task]
+            n = d.shape[-1]
+            costs.append(F.pad(d.detach().double(), (0, n_max - n)))
+            a.append(ca.student_weight.double())
+            b.append(F.pad(ca.teacher_weight.double(), (0, n_max - n)))
+        cost = torch.stack(costs)  # [K, M, N_max]
+        # every rank solves the problems of the global batch (same tasks in the same order)
+        cost = _all_reduce_mean(cost)
+        a_t = torch.stack(a).to(cost.device)
+        b_t = torch.stack(b).to(cost.device)
+        # renormalise b to a's mass exactly (the floors keep both at 1 up to rounding)
+        b_t = b_t * (a_t.sum(-1, keepdim=True) / b_t.sum(-1, keepdim=True))
+        res = emd(cost, a_t, b_t, backend=self._backend("emd"), validate=cost.device.type == "cpu")
+        self.emd_calls += 1
+        plans = []
+        self.last = {}
+        for k, (_, task, feature, d) in enumerate(problems):
+            n = d.shape[-1]
+            plan = res.plan[k, :, :n]
+            plans.append(plan)
+            self.last.setdefault(task, {})[f"{feature}_plan"] = plan.detach()
+            self.last[task][f"{feature}_cost"] = cost[k, :, :n].detach()
+        assert cost.shape[1] == m
+        return plans
+
+    @torch.no_grad()
+    def _update(self, problems: list[tuple[int, str, str, Tensor]], plans: list[Tensor]) -> None:
+        """Per task: proposals of all its problems in this step averaged, then the outer step."""
+        props: dict[str, list[tuple[Tensor, Tensor]]] = {}
+        for (_, task, feature, _), plan in zip(problems, plans):
+            ca = self.cost_attention[task]
+            cost = self.last[task][f"{feature}_cost"]
+            props.setdefault(task, []).append(ca.propose(*CostAttention.contributions(plan, cost)))
+        for task, ps in props.items():
+            ca = self.cost_attention[task]
+            ca.finalize(torch.stack([p[0] for p in ps]).mean(0), torch.stack([p[1] for p in ps]).mean(0))
+
+
+# ----------------------------------------------------------------------------- teachers
+def _sizes(model: nn.Module) -> tuple[int, int]:
+    if isinstance(model, MultiTaskModel):
+        return model.num_layers, model.hidden_size
+    return encoder_sizes(model)
+
+
+class TeacherSet(nn.Module):
+    """The teachers of multi-task distillation: one per task, or one multi-task teacher.
+
+    Args:
+        teachers: ``{task: model}``; a model is a Hugging Face ``*ForSequenceClassification`` /
+            ``*ForTokenClassification`` model (or anything called as one, returning
+            ``hidden_states``, ``attentions`` and ``logits``), or a :class:`MultiTaskModel`
+            (called with the task). The same object may serve several tasks.
+        multitask: one :class:`MultiTaskModel` teaching every task (instead of ``teachers``).
+
+    Teachers are frozen by the trainer (eval mode, no gradient); they are not part of the
+    student, so never saved with it.
+    """
+
+    def __init__(
+        self, teachers: Mapping[str, nn.Module] | None = None, multitask: MultiTaskModel | None = None
+    ) -> None:
+        super().__init__()
+        if (teachers is None) == (multitask is None):
+            raise ValueError("TeacherSet needs either per-task teachers or one multi-task teacher")
+        self.models = nn.ModuleDict()
+        self.key: dict[str, str] = {}
+        if multitask is not None:
+            self.models["multitask"] = multitask
+            self.key = {name: "multitask" for name in multitask.task_names}
+        else:
+            assert teachers is not None
+            seen: dict[int, str] = {}
+            for task, model in teachers.items():
+                k = seen.get(id(model))
+                if k is None:
+                    k = seen[id(model)] = task
+                    self.models[k] = model
+                self.key[task] = k
+
+    @property
+    def groups(self) -> dict[str, str]:
+        """``{task: teacher key}`` (tasks of one teacher share a projection)."""
+        return dict(self.key)
+
+    def teacher(self, task: str) -> nn.Module:
+        if task not in self.key:
+            raise KeyError(f"no teacher for task {task!r}; teachers cover {sorted(self.key)}")
+        return self.models[self.key[task]]
+
+    def sizes(self, task: str) -> tuple[int, int]:
+        """(N_t layers, d_T hidden size) of the task's teacher."""
+        return _sizes(self.teacher(task))
+
+    def forward(self, task: str, inputs: Mapping[str, Tensor], output_attentions: bool = False) -> Any:
+        """The task's teacher on ``inputs`` (``input_ids``, ``attention_mask``, ``token_type_ids``);
+        returns its outputs with ``hidden_states``, ``logits`` (and ``attentions``)."""
+        model = self.teacher(task)
+        feeds = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "token_type_ids") and
+                 v is not None}
+        if isinstance(model, MultiTaskModel):
+            return model(task, **feeds, output_attentions=output_attentions)
+        kwargs: dict[str, Any] = {"output_hidden_states": True}
+        if output_attentions:
+            kwargs["output_attentions"] = True
+        return model(**feeds, **kwargs)
+
+
+def load_teachers(
+    tasks: Sequence[TaskSpec],
+    *,
+    multitask_teacher: str | os.PathLike | None = None,
+    attn_implementation: str | None = "eager",
+) -> TeacherSet:
+    """Teachers from local folders: one multi-task teacher (saved by ``bert-emd mtl train``), or
+    each task's ``teacher`` (a fine-tuned Hugging Face classifier / token classifier; folders
+    shared by several tasks are loaded once)."""
+    if multitask_teacher is not None:
+        return TeacherSet(multitask=MultiTaskModel.from_pretrained(multitask_teacher,
+                                                                   attn_implementation=attn_implementation))
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    loaded: dict[tuple[str, str], nn.Module] = {}
+    teachers: dict[str, nn.Module] = {}
+    for spec in tasks:
+        if spec.teacher is None:
+            raise ValueError(f"task {spec.name!r} has no teacher (set tasks[].teacher or distillation.teacher)")
+        path = str(spec.teacher)
+        if os.path.isfile(os.path.join(path, "mtl_config.json")):
+            key = (path, "mtl")
+            if key not in loaded:
+                loaded[key] = MultiTaskModel.from_pretrained(path, attn_implementation=attn_implementation)
+            teachers[spec.name] = loaded[key]
+            continue
+        cls = AutoModelForTokenClassification if spec.is_tagging else AutoModelForSequenceClassification
+        key = (path, cls.__name__)
+        if key not in loaded:
+            kwargs: dict[str, Any] = {"local_files_only": True}
+            if attn_implementation is not None:
+                kwargs["attn_implementation"] = attn_implementation
+            try:
+                loaded[key] = cls.from_pretrained(path, **kwargs)
+            except OSError as err:
+                raise FileNotFoundError(f"task {spec.name!r}: cannot load the teacher from {path}: {err}") from err
+        model = loaded[key]
+        n_out = getattr(getattr(model, "config", None), "num_labels", None)
+        if n_out is not None and n_out != spec.num_labels:
+            raise ValueError(
+                f"task {spec.name!r}: the teacher at {path} has {n_out} outputs, the task {spec.num_labels} labels"
+            )
+        teachers[spec.name] = model
+    return TeacherSet(teachers)
+
+
+def distillation_step(
+    student: MultiTaskModel,
+    teachers: TeacherSet,
+    loss_fn: MultiTaskEMDLoss,
+    batches: Sequence[Mapping[str, Any]],
+    *,
+    progress: float = 0.0,
+) -> tuple[Tensor, dict[str, Tensor], list[Any]]:
+    """One multi-task distillation step: student and teacher on every task batch, then the loss
+    (one batched EMD solve for all of them), then -- with ``hierarchy_mode="emd"`` -- the student's
+    layer mixtures set to each task's new EMD student-layer weights.
+
+    Args:
+        student: the multi-task student.
+        teachers: the teachers (run under ``no_grad``).
+        loss_fn: the multi-task EMD loss.
+        batches: task batches, each a mapping with ``task`` (name or index), ``input_ids``,
+            ``attention_mask``, optional ``token_type_ids`` and ``labels``.
+        progress: training progress in [0, 1] (teacher annealing).
+    Returns:
+        (loss [], parts, the student's outputs per batch).
+    """
+    want_att = loss_fn.use_attention
+    items, outs = [], []
+    for b in batches:
+        task = student.task_names[student.task_index(b["task"])]
+        feeds = {k: b[k] for k in ("input_ids", "attention_mask", "token_type_ids") if b.get(k) is not None}
+        s_out = student(task, **feeds, output_attentions=want_att)
+        with torch.no_grad():
+            t_out = teachers(task, feeds, output_attentions=want_att)
+        items.append(TaskDistillInput(task, s_out, t_out, b.get("labels"), b.get("attention_mask")))
+        outs.append(s_out)
+    loss, parts = loss_fn(items, progress=progress)
+    if student.mechanisms.hierarchy and student.mechanisms.hierarchy_mode == "emd":
+        for name in {i.task for i in items}:
+            student.set_emd_layer_weights(name, loss_fn.cost_attention[name].student_weight)
+    return loss, parts, outs
