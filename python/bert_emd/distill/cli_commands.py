@@ -304,21 +304,30 @@ def _finish(trainer: Any, targs: Any, tok: Any, extra: dict[str, Any], t0: float
     return summary
 
 
+def _prepare_training(command: str, args: argparse.Namespace, rest: list[str], tokenizer_path: str):
+    """TrainingArguments, the task data, the tokenizer of ``tokenizer_path`` and the tokenised
+    splits (loaded once, main process first); training data is required."""
+    from .students import load_tokenizer
+
+    targs = training_arguments(rest, args.output_dir)
+    with targs.main_process_first(desc="load data"):
+        data = _load_data(args)
+        tokenizer = load_tokenizer(tokenizer_path)
+        tok = _tokenized(args, data, tokenizer)
+    if "train" not in tok:
+        raise SystemExit(f"{command} needs training data (--data-dir with train.tsv, or --train-file)")
+    return targs, data, tokenizer, tok
+
+
 # ----------------------------------------------------------------------------- finetune
 def _finetune(args: argparse.Namespace, rest: list[str]) -> dict[str, Any]:
     from transformers import Trainer, set_seed
 
     from .metrics import compute_metrics_fn
-    from .students import count_parameters, load_model, load_tokenizer
+    from .students import count_parameters, load_model
 
     t0 = time.time()
-    targs = training_arguments(rest, args.output_dir)
-    with targs.main_process_first(desc="load data"):
-        data = _load_data(args)
-        tokenizer = load_tokenizer(args.model)
-        tok = _tokenized(args, data, tokenizer)
-    if "train" not in tok:
-        raise SystemExit("finetune needs training data (--data-dir with train.tsv, or --train-file)")
+    targs, data, tokenizer, tok = _prepare_training("finetune", args, rest, args.model)
     set_seed(targs.seed)
     model = load_model(args.model, num_labels=data.num_labels, problem_type=_problem_type(data),
                        label_list=data.label_list)
@@ -415,17 +424,11 @@ def _distill(args: argparse.Namespace, rest: list[str]) -> dict[str, Any]:
     from transformers import set_seed
 
     from .metrics import compute_metrics_fn
-    from .students import count_parameters, freeze_word_embeddings, load_model, load_tokenizer
+    from .students import count_parameters, freeze_word_embeddings, load_model
     from .trainer import DistillationTrainer
 
     t0 = time.time()
-    targs = training_arguments(rest, args.output_dir)
-    with targs.main_process_first(desc="load data"):
-        data = _load_data(args)
-        tokenizer = load_tokenizer(args.teacher)
-        tok = _tokenized(args, data, tokenizer)
-    if "train" not in tok:
-        raise SystemExit("distill needs training data (--data-dir with train.tsv, or --train-file)")
+    targs, data, tokenizer, tok = _prepare_training("distill", args, rest, args.teacher)
     needs_maps = args.attention_source == "probs" and not (args.prediction_only or args.no_attention)
     attn = "eager" if needs_maps else None
     teacher = load_model(args.teacher, attn_implementation=attn)

@@ -118,6 +118,12 @@ def prepare_split(source: Path, out: Path) -> dict[str, Any]:
     bad = {lab for _, lab in rows} - set(LABELS)
     if bad:
         raise ValueError(f"{source}: unexpected sentiment labels {sorted(bad)}")
+    return write_fixed_split(rows, out, source)
+
+
+def write_fixed_split(rows: list[tuple[str, str]], out: Path, source: Path) -> dict[str, Any]:
+    """Shuffle (text, label) rows with SPLIT_SEED and write 10% test, 10% dev, the rest train as
+    ``out/{test,dev,train}.csv`` (columns text, label). Returns the sizes and the provenance."""
     random.Random(SPLIT_SEED).shuffle(rows)
     n_test = n_dev = len(rows) // 10
     parts = {"test": rows[:n_test], "dev": rows[n_test:n_test + n_dev], "train": rows[n_test + n_dev:]}

@@ -25,16 +25,16 @@ import argparse
 import csv
 import importlib.util
 import json
-import random
 import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..distill.demo import write_fixed_split
+
 __all__ = ["BUDGETS", "MTLBudget", "add_mtl_demo_args", "bbc_folder", "prepare_bbc", "run_mtl_demo"]
 
-SPLIT_SEED = 2026
 BBC_TOPICS = ("business", "entertainment", "politics", "sports", "tech")
 SENTIMENT = ("negative", "neutral", "positive")
 
@@ -106,18 +106,7 @@ def prepare_bbc(folder: Path, out: Path) -> dict[str, Any]:
             raise SystemExit(f"{folder}: missing topic folder {topic!r}")
         rows += [(_article(p), topic) for p in sorted(sub.glob("*.txt"))]
     rows = [r for r in rows if r[0]]
-    random.Random(SPLIT_SEED).shuffle(rows)
-    n = len(rows) // 10
-    parts = {"test": rows[:n], "dev": rows[n : 2 * n], "train": rows[2 * n :]}
-    out.mkdir(parents=True, exist_ok=True)
-    info: dict[str, Any] = {"source": str(folder), "seed": SPLIT_SEED}
-    for name, part in parts.items():
-        with open(out / f"{name}.csv", "w", encoding="utf-8", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["text", "label"])
-            w.writerows(part)
-        info[name] = len(part)
-    return info
+    return write_fixed_split(rows, out, folder)  # the tweets' fixed 10/10/80 split
 
 
 def _head(src: Path, n: int) -> Path:
