@@ -274,12 +274,12 @@ def test_input_forms_and_strides_agree(rng):
 
 
 @needs_ext
-@pytest.mark.parametrize("chunk", [1, 200, 5000, 1 << 22])
+@pytest.mark.parametrize("chunk", [1, 200, 1700, 5000, 1 << 22])
 def test_cpu_chunking_is_exact(monkeypatch, chunk, rng):
-    """Chunks of one query row, several rows, whole samples, several samples: same values and
-    gradients as the reference."""
+    """Chunks of one query row, several rows, whole heads (2 of 3: a ragged head block), whole
+    samples, several samples: same values and gradients as the reference."""
     monkeypatch.setattr(AC, "CPU_CHUNK_ELEMENTS", chunk)
-    B, H, L = 3, 2, 13
+    B, H, L = 3, 3, 13
     S, T = _side(rng, 2, B, H, L, 4), _side(rng, 2, B, H, L, 8)
     am, tm = _masks(rng, B, L)
     for source, floor, ps in (("scores", -100.0, False), ("probs", None, True)):
@@ -289,6 +289,30 @@ def test_cpu_chunking_is_exact(monkeypatch, chunk, rng):
         torch.testing.assert_close(D, ref, rtol=1e-11, atol=1e-14)
         got = torch.autograd.grad(D.sum(), _leaves(S, T))
         want = torch.autograd.grad(ref.sum(), _leaves(S, T))
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-14)
+
+
+@needs_ext
+@pytest.mark.parametrize("source", ["scores", "probs"])
+def test_cpu_key_mask_layouts(source, rng):
+    """The cpu backend adds the key mask to a slice of columns when a sample's padded keys are
+    contiguous (right or left padding), to the whole row otherwise (holes), and skips samples
+    without padding or a zero mask value: every layout gives the reference's values and gradients."""
+    B, H, L = 5, 2, 11
+    S, T = _side(rng, 2, B, H, L, 4), _side(rng, 3, B, H, L, 8)
+    am = torch.ones(B, L, dtype=torch.bool)
+    am[0, 7:] = False  # right padding
+    am[1, :3] = False  # left padding
+    am[2, [1, 4, 9]] = False  # holes
+    am[4, 5] = False  # one padded key; sample 3 has none
+    for mask_value, floor in ((-10000.0, -100.0 if source == "scores" else None), (0.0, None), (-3.0, None)):
+        kw = dict(attention_mask=am, source=source, attention_floor=floor, per_sample=True, mask_value=mask_value)
+        D = attention_costs(S, T, backend="cpu", **kw)
+        ref = attention_costs(S, T, backend="torch", **kw)
+        torch.testing.assert_close(D, ref, rtol=1e-11, atol=1e-14)
+        got = torch.autograd.grad(D.sum(), _leaves(S, []))
+        want = torch.autograd.grad(ref.sum(), _leaves(S, []))
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-14)
 

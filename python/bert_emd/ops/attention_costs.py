@@ -14,16 +14,17 @@ Registration (once for every backend, ``torch.library.custom_op``):
   * ``bert_emd::attention_costs_{fwd,bwd}_triton`` -- the flash-attention-style Triton kernels of
     ``emd_kernels.attention_costs``.
 Every forward op returns (cost, lse) -- lse the row log-sum-exp [M + N, B, H, L] of every layer
-with ``probs`` (kept for the backward, O(L) memory), else an empty tensor -- and shares one fake
-kernel and one autograd rule, which calls the backward op of its own backend (tiles recomputed,
-never stored).
+with ``probs`` (kept for the backward, O(L) memory), else an empty tensor; the ``cpu`` backend
+forms whole rows and recomputes probs directly, so its lse is always empty -- and all share one
+autograd rule, which calls the backward op of its own backend (tiles recomputed, never stored).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -35,7 +36,7 @@ from ..reference.attention_costs import (
     attention_costs_materialized_grad,
     attention_lse,
 )
-from .layer_costs import layer_costs
+from .layer_costs import _OPS as _LAYER_COST_OPS
 
 __all__ = ["attention_costs"]
 
@@ -63,6 +64,11 @@ def _fwd_fake(sq, sk, tq, tk, attention_mask, mask, mask_value, probs, per_sampl
     cost = sq[0].new_empty((B, M, N) if per_sample else (M, N), dtype=acc)
     lse = sq[0].new_empty((M + N, B, H, L) if probs else (0,), dtype=acc)
     return cost, lse
+
+
+def _fwd_fake_no_lse(sq, sk, tq, tk, attention_mask, mask, mask_value, probs, per_sample, attention_floor):
+    cost, _ = _fwd_fake(sq, sk, tq, tk, attention_mask, mask, mask_value, probs, per_sample, attention_floor)
+    return cost, sq[0].new_empty((0,), dtype=cost.dtype)
 
 
 def _bwd_fake(grad, sq, sk, tq, tk, lse, attention_mask, mask, mask_value, probs, per_sample, attention_floor,
@@ -133,53 +139,127 @@ def _bwd_torch(grad, sq, sk, tq, tk, lse, attention_mask, mask, mask_value, prob
 
 
 # ------------------------------------------------------------------------------ cpu (chunked)
-def _chunking(B: int, H: int, L: int, layers: int) -> tuple[int, int]:
-    """(samples, query rows) per chunk so that ``layers`` tiles [bc, H, cq, L] hold at most
-    CPU_CHUNK_ELEMENTS elements together (at least one query row of one sample)."""
+# Why this shape: per chunk (a block of query rows of all layers), one BLAS call per layer forms
+# the score tile with scale and mask fused (baddbmm: alpha = d**-0.5, beta = 1 on the broadcast
+# additive mask), torch's vectorised softmax turns it into probs (never exp_ on -10000 entries:
+# the generic exp is 10-30x slower on underflowing inputs), and the fused C++ layer_costs kernels
+# read every tile once for all M * N pairs, forward (the costs) and backward (the gradient of each
+# tile, floor and all). Rows are whole (all L keys), so the backward recomputes probs from the
+# scores directly and needs no log-sum-exp: this backend returns an empty lse.
+class _Chunk(NamedTuple):
+    """Samples b0:b1, heads h0:h1, query rows q0:q1 (all L keys) of every layer."""
+
+    b0: int
+    b1: int
+    h0: int
+    h1: int
+    q0: int
+    q1: int
+
+    @property
+    def entries(self) -> int:  # per sample: heads x rows x keys
+        return (self.h1 - self.h0) * (self.q1 - self.q0)
+
+
+def _chunks(B: int, H: int, L: int, layers: int) -> Iterator[_Chunk]:
+    """Blocks whose ``layers`` tiles [nb, nh, cq, L] hold at most CPU_CHUNK_ELEMENTS elements
+    together (at least one row). Rows grow first, then heads, then samples: the score GEMMs
+    [cq, d] x [d, L] get as many rows as the budget allows (a 40-row tile of all 12 heads runs
+    BLAS at half the speed of a 480-row tile of one head)."""
     per_layer = max(1, CPU_CHUNK_ELEMENTS // max(layers, 1))
-    row = max(1, H * L)
-    cq = min(max(L, 1), max(1, per_layer // row))
-    bc = min(max(B, 1), max(1, per_layer // (row * L))) if cq >= L else 1
-    return bc, cq
+    L1 = max(L, 1)
+    cq = min(L1, max(1, per_layer // L1))
+    nh = min(max(H, 1), max(1, per_layer // (cq * L1))) if cq >= L1 else 1
+    nb = min(max(B, 1), max(1, per_layer // (H * cq * L1))) if nh >= H else 1
+    for b0 in range(0, B, nb):
+        for h0 in range(0, H, nh):
+            for q0 in range(0, L, cq):
+                yield _Chunk(b0, min(B, b0 + nb), h0, min(H, h0 + nh), q0, min(L, q0 + cq))
+
+
+def _layer_cost_ops(device: torch.device):
+    """The (forward, backward) layer_costs ops for CPU tiles: the C++ kernels when built, else the
+    PyTorch reference."""
+    name = _backends.select("layer_costs", "auto", device)
+    fwd, bwd = _LAYER_COST_OPS[name]
+    return getattr(torch.ops.bert_emd, fwd).default, getattr(torch.ops.bert_emd, bwd).default
 
 
 class _Side:
     """Queries and keys of one side, and the maps of a chunk computed into reused buffers."""
 
-    def __init__(self, qs: Sequence[torch.Tensor], ks: Sequence[torch.Tensor], acc: torch.dtype):
-        self.qs, self.ks, self.acc = list(qs), list(ks), acc
+    def __init__(self, qs: Sequence[torch.Tensor], ks: Sequence[torch.Tensor], acc: torch.dtype, probs: bool):
+        self.qs, self.ks, self.acc, self.probs = list(qs), list(ks), acc, probs
         self.scale = qs[0].shape[-1] ** -0.5
         self.buf: torch.Tensor | None = None
+        self.tmp: torch.Tensor | None = None
 
-    def maps(self, b0: int, b1: int, q0: int, q1: int, add: torch.Tensor | None, lse: torch.Tensor | None,
-             lse_out: torch.Tensor | None) -> torch.Tensor:
-        """[layers, bc, H, cq, L] scores (or probs) of queries q0:q1 of samples b0:b1.
+    def q(self, i: int, c: _Chunk) -> torch.Tensor:
+        """Layer i's queries of chunk c as [nb * nh, cq, d] in the accumulation dtype."""
+        q = self.qs[i][c.b0 : c.b1, c.h0 : c.h1, c.q0 : c.q1].to(self.acc)
+        return q.reshape(-1, q.shape[-2], q.shape[-1])
 
-        probs: from ``lse`` [layers, B, H, L] when given, else computing it (into ``lse_out``)."""
-        shape = (len(self.qs), b1 - b0, self.qs[0].shape[1], q1 - q0, self.ks[0].shape[2])
+    def k(self, i: int, c: _Chunk) -> torch.Tensor:
+        """Layer i's keys (all L) of chunk c's samples and heads as [nb * nh, L, d]."""
+        k = self.ks[i][c.b0 : c.b1, c.h0 : c.h1].to(self.acc)
+        return k.reshape(-1, k.shape[-2], k.shape[-1])
+
+    def maps(self, c: _Chunk, add: _KeyMask | None) -> torch.Tensor:
+        """[layers, nb, nh, cq, L]: A = (q k^T) d**-0.5 + a (the score hooks' order) or softmax_k(A)."""
+        nb, nh, cq, L = c.b1 - c.b0, c.h1 - c.h0, c.q1 - c.q0, self.ks[0].shape[2]
+        shape = (len(self.qs), nb, nh, cq, L)
         if self.buf is None or self.buf.shape != shape:
             self.buf = torch.empty(shape, dtype=self.acc, device=self.qs[0].device)
-        for i, (q, k) in enumerate(zip(self.qs, self.ks)):
-            x = self.buf[i]
-            torch.matmul(q[b0:b1, :, q0:q1].to(self.acc), k[b0:b1].to(self.acc).transpose(-1, -2), out=x)
-            x.mul_(self.scale)  # the score hooks' order: (q k^T) * d**-0.5, then + mask
+            self.tmp = torch.empty(shape[1:], dtype=self.acc, device=self.qs[0].device) if self.probs else None
+        for i in range(len(self.qs)):
+            x = self.tmp if self.probs else self.buf[i]
+            q, kt = self.q(i, c), self.k(i, c).transpose(-1, -2)
+            x3 = x.view(nb * nh, cq, L)
+            # beta = 0: x's stale content is ignored (NaN included); alpha scales the product
+            torch.baddbmm(x3, q, kt, beta=0.0, alpha=self.scale, out=x3)
             if add is not None:
-                x.add_(add[b0:b1])
-            if lse_out is not None:  # softmax in place (as torch.softmax: max, exp, sum, divide) and its lse
-                m = x.amax(-1, keepdim=True)
-                s = x.sub_(m).exp_().sum(-1, keepdim=True)
-                x.div_(s)
-                torch.add(m[..., 0], s[..., 0].log_(), out=lse_out[i, b0:b1, :, q0:q1])
-            elif lse is not None:
-                x.sub_(lse[i, b0:b1, :, q0:q1, None]).exp_()
+                for b in range(nb):  # only the padded keys' columns (a slice when they are contiguous)
+                    cols, value = add.columns[c.b0 + b]
+                    if cols is not None:
+                        x[b, ..., cols].add_(value)
+            if self.probs:
+                torch.ops.aten._softmax.out(x, -1, False, out=self.buf[i])
         return self.buf
 
 
-def _chunk_weights(mask: torch.Tensor | None, b0: int, b1: int, q0: int, q1: int, acc) -> torch.Tensor | None:
+class _KeyMask:
+    """The additive key mask of ``attention_mask`` by sample: ``columns[b]`` = (where, value) with
+    ``where`` the slice of padded keys when they are contiguous (right or left padding), else the
+    full [L] additive row, or None when sample b has no padded key. Adding only the padded columns
+    saves a pass over every tile (and a copy: baddbmm would first broadcast the mask into its output)."""
+
+    def __init__(self, attention_mask: torch.Tensor, mask_value: float, acc: torch.dtype):
+        add = additive_key_mask(attention_mask, mask_value, acc)[:, 0, 0, :]  # [B, L]
+        self.columns: list[tuple[slice | None, float | torch.Tensor]] = []
+        padded = (attention_mask == 0).cpu()
+        for b in range(add.shape[0]):
+            idx = padded[b].nonzero().flatten().tolist()
+            if not idx or mask_value == 0.0:
+                self.columns.append((None, 0.0))
+            elif idx[-1] - idx[0] + 1 == len(idx):
+                self.columns.append((slice(idx[0], idx[-1] + 1), float(add[b, idx[0]])))
+            else:
+                self.columns.append((slice(None), add[b]))
+
+
+def _chunk_weights(mask: torch.Tensor | None, c: _Chunk, acc) -> torch.Tensor | None:
     if mask is None:
         return None
-    m = (mask[b0:b1] != 0).to(acc)
-    return m[:, None, q0:q1, None] * m[:, None, None, :]  # [bc, 1, cq, L]
+    m = (mask[c.b0 : c.b1] != 0).to(acc)
+    return m[:, None, c.q0 : c.q1, None] * m[:, None, None, :]  # [nb, 1, cq, L]
+
+
+def _counts(mask: torch.Tensor | None, B: int, H: int, L: int, acc, device) -> torch.Tensor:
+    """n [B]: the entries each sample's mean runs over (H c^2 with c real tokens, H L^2 without a mask)."""
+    if mask is None:
+        return torch.full((B,), float(H * L * L), dtype=acc, device=device)
+    c = (mask != 0).to(acc).sum(1)
+    return H * c * c
 
 
 def _fwd_cpu(sq, sk, tq, tk, attention_mask, mask, mask_value, probs, per_sample, attention_floor):
@@ -187,103 +267,85 @@ def _fwd_cpu(sq, sk, tq, tk, attention_mask, mask, mask_value, probs, per_sample
     B, H, L, _ = sq[0].shape
     acc = acc_dtype(sq, tq)
     device = sq[0].device
-    S, T = _Side(sq, sk, acc), _Side(tq, tk, acc)
-    add = additive_key_mask(attention_mask, mask_value, acc) if attention_mask is not None else None
-    lse = torch.empty((M + N, B, H, L) if probs else (0,), dtype=acc, device=device)
+    lc_fwd, _ = _layer_cost_ops(device)
+    S, T = _Side(sq, sk, acc, probs), _Side(tq, tk, acc, probs)
+    add = _KeyMask(attention_mask, mask_value, acc) if attention_mask is not None else None
     sums = torch.zeros((B, M, N), dtype=acc, device=device)
-    bc, cq = _chunking(B, H, L, M + N)
-    for b0 in range(0, B, bc):
-        b1 = min(B, b0 + bc)
-        for q0 in range(0, L, cq):
-            q1 = min(L, q0 + cq)
-            xs = S.maps(b0, b1, q0, q1, add, None, lse[:M] if probs else None)
-            ys = T.maps(b0, b1, q0, q1, add, None, lse[M:] if probs else None)
-            w = _chunk_weights(mask, b0, b1, q0, q1, acc)
-            if w is not None:  # masked entries become 0 on both sides (f(0) = 0): they add nothing
-                xs.mul_(w)
-                ys.mul_(w)
-            # the fused layer_costs kernel reads each tile once for all M * N pairs
-            part = layer_costs(xs, ys, per_sample=True, attention_floor=attention_floor)
-            sums[b0:b1] += part * float(H * (q1 - q0) * L)
-    if mask is None:
-        n = torch.full((B,), float(H * L * L), dtype=acc, device=device)
-    else:
-        c = (mask != 0).to(acc).sum(1)
-        n = H * c * c
+    for c in _chunks(B, H, L, M + N + 1):
+        xs, ys = S.maps(c, add), T.maps(c, add)
+        w = _chunk_weights(mask, c, acc)
+        if w is not None:  # masked entries become 0 on both sides (f(0) = 0): they add nothing
+            xs.mul_(w)
+            ys.mul_(w)
+        # the chunk's per-sample means over its nh * cq * L entries, back to sums
+        part = lc_fwd(list(xs.unbind(0)), list(ys.unbind(0)), None, True, attention_floor)
+        sums[c.b0 : c.b1] += part * float(c.entries * L)
+    n = _counts(mask, B, H, L, acc, device)
     cost = sums / n[:, None, None] if per_sample else sums.sum(0) / n.sum()
-    return cost, lse
+    return cost, sq[0].new_empty((0,), dtype=acc)
 
 
-def _bwd_cpu_side(G, c, X: _Side, Y: _Side, lse_x, lse_y, add, mask, probs, per_sample, attention_floor):
-    """dQ, dK of side X for G [B, MX, NY] (per sample) or [MX, NY], c [B] = 2/n.
+def _bwd_cpu_side(Gn, X: _Side, Y: _Side, add, mask, attention_floor):
+    """dQ, dK of side X for Gn [B, MX, NY] = dL/dD_ij / n_b (the gradient of each sample's sums).
 
-    Per chunk: V = X's maps and W = Y's (recomputed, scores or probs from lse), then
-    gX = c keep (V sum_j G_ij - sum_j G_ij f(W_j)) (f(V) = V where keep), dS (softmax backward
-    for probs), dQ = dS K / sqrt(d), dK += dS^T Q / sqrt(d). Working set: about 3 MX + NY tiles.
+    Per chunk: V = X's maps and W = Y's (recomputed), gX = the fused layer_costs gradient of the
+    chunk's tiles (floor and weights included) for G_chunk = Gn * (nh cq L) (its per-sample mean's
+    normaliser), dS = gX (scores) or P (gX - rowsum(gX P)) (probs: torch's fused softmax
+    backward), dQ = dS K d**-0.5 and dK += dS^T Q d**-0.5 (BLAS). Working set: about 2 MX + NY
+    tiles (3 MX + NY with probs and a mask, whose softmax backward needs the unweighted P).
     """
     MX, NY = len(X.qs), len(Y.qs)
     B, H, L, _ = X.qs[0].shape
     acc = X.acc
+    _, lc_bwd = _layer_cost_ops(X.qs[0].device)
     dq = [torch.zeros(q.shape, dtype=acc, device=q.device) for q in X.qs]
     dk = [torch.zeros(k.shape, dtype=acc, device=k.device) for k in X.ks]
-    rs = G.sum(-1)  # sum_j G_ij: [B, MX] or [MX]
-    bc, cq = _chunking(B, H, L, 3 * MX + NY + 1)
-    for b0 in range(0, B, bc):
-        b1 = min(B, b0 + bc)
-        nb = b1 - b0
-        for q0 in range(0, L, cq):
-            q1 = min(L, q0 + cq)
-            v = X.maps(b0, b1, q0, q1, add, lse_x, None)  # [MX, nb, H, cq, L] V (raw: keep and P need it)
-            fw = Y.maps(b0, b1, q0, q1, add, lse_y, None)  # [NY, ...] W, made f(W) in place
-            wgt = _chunk_weights(mask, b0, b1, q0, q1, acc)
-            keep = None if attention_floor is None else v > attention_floor
-            if attention_floor is not None:
-                fw.masked_fill_(fw <= attention_floor, 0.0)
-            if wgt is not None:
-                fw.mul_(wgt)
-                keep = (wgt != 0) if keep is None else keep & (wgt != 0)
-            if per_sample:  # sum_j G[b, i, j] f(W_j): [nb, MX, NY] @ [nb, NY, E] -> [MX, nb, ...] (a view)
-                sgy = torch.matmul(G[b0:b1], fw.view(NY, nb, -1).transpose(0, 1)).transpose(0, 1).view(v.shape)
-                r = rs[b0:b1].t().reshape(MX, nb, 1, 1, 1)
-            else:
-                sgy = torch.matmul(G, fw.view(NY, -1)).view(v.shape)
-                r = rs.reshape(MX, 1, 1, 1, 1)
-            gx = sgy.neg_().addcmul_(v, r).mul_(c[b0:b1].reshape(1, nb, 1, 1, 1))  # in place
-            if keep is not None:
-                gx.masked_fill_(~keep, 0.0)
-            if probs:  # dS = P (gX - rowsum(gX P))
-                gx.sub_((gx * v).sum(-1, keepdim=True)).mul_(v)
-            for i in range(MX):
-                k = X.ks[i][b0:b1].to(acc)
-                q = X.qs[i][b0:b1, :, q0:q1].to(acc)
-                dq[i][b0:b1, :, q0:q1] = torch.matmul(gx[i], k).mul_(X.scale)
-                dk[i][b0:b1].add_(torch.matmul(gx[i].transpose(-1, -2), q), alpha=X.scale)
+    keep_raw = X.probs and mask is not None
+    for c in _chunks(B, H, L, (3 if keep_raw else 2) * MX + NY + 2):
+        nb, nh, cq = c.b1 - c.b0, c.h1 - c.h0, c.q1 - c.q0
+        v, fw = X.maps(c, add), Y.maps(c, add)  # [MX | NY, nb, nh, cq, L]
+        w = _chunk_weights(mask, c, acc)
+        vw = v
+        if w is not None:
+            fw.mul_(w)
+            vw = v * w if keep_raw else v.mul_(w)
+        g_chunk = Gn[c.b0 : c.b1] * float(c.entries * L)
+        gx, _ = lc_bwd(g_chunk, list(vw.unbind(0)), list(fw.unbind(0)), None, True, attention_floor, False)
+        for i in range(MX):
+            g = gx[i]
+            if X.probs:  # dS = P (gX - rowsum(gX P)), P the unweighted probs
+                g = torch.ops.aten._softmax_backward_data(g, v[i], -1, acc)
+            g3 = g.reshape(nb * nh, cq, L)
+            k, q = X.k(i, c), X.q(i, c)
+            # as (K^T dS^T)^T and (Q^T dS)^T: BLAS runs [d, L] x [L, cq] about 1.5x faster than
+            # [cq, L] x [L, d] for a narrow d (26 in TinyBERT)
+            dq_t = torch.bmm(k.transpose(1, 2), g3.transpose(1, 2)).view(nb, nh, -1, cq)
+            dq[i][c.b0 : c.b1, c.h0 : c.h1, c.q0 : c.q1] = dq_t.transpose(-1, -2).mul(X.scale)
+            dk_t = torch.bmm(q.transpose(1, 2), g3).view(nb, nh, -1, L)
+            dk[i][c.b0 : c.b1, c.h0 : c.h1].add_(dk_t.transpose(-1, -2), alpha=X.scale)
     return [g.to(q.dtype) for g, q in zip(dq, X.qs)], [g.to(k.dtype) for g, k in zip(dk, X.ks)]
 
 
 def _bwd_cpu(grad, sq, sk, tq, tk, lse, attention_mask, mask, mask_value, probs, per_sample, attention_floor,
              need_student, need_teacher):
-    M = len(sq)
     B, H, L, _ = sq[0].shape
     acc = acc_dtype(sq, tq)
     device = sq[0].device
+    n = _counts(mask, B, H, L, acc, device)
     G = grad.to(acc)
-    if mask is None:
-        n = torch.full((B,), float(H * L * L), dtype=acc, device=device)
+    if per_sample:  # a sample without real tokens has NaN costs and no gradient
+        Gn = torch.where(n[:, None, None] > 0, G / n[:, None, None], torch.zeros_like(G))
     else:
-        cnt = (mask != 0).to(acc).sum(1)
-        n = H * cnt * cnt
-    if not per_sample:
-        n = n.sum().expand(B)
-    c = torch.where(n > 0, 2.0 / n, torch.zeros_like(n))
-    add = additive_key_mask(attention_mask, mask_value, acc) if attention_mask is not None else None
-    lse_s, lse_t = (lse[:M], lse[M:]) if probs else (None, None)
-    opts = (add, mask, probs, per_sample, attention_floor)
+        total = n.sum()
+        Gn = (G / total if total > 0 else torch.zeros_like(G)).expand(B, *G.shape)
+    add = _KeyMask(attention_mask, mask_value, acc) if attention_mask is not None else None
     dsq, dsk, dtq, dtk = [], [], [], []
     if need_student:
-        dsq, dsk = _bwd_cpu_side(G, c, _Side(sq, sk, acc), _Side(tq, tk, acc), lse_s, lse_t, *opts)
+        dsq, dsk = _bwd_cpu_side(Gn, _Side(sq, sk, acc, probs), _Side(tq, tk, acc, probs), add, mask,
+                                 attention_floor)
     if need_teacher:
-        dtq, dtk = _bwd_cpu_side(G.transpose(-1, -2), c, _Side(tq, tk, acc), _Side(sq, sk, acc), lse_t, lse_s, *opts)
+        dtq, dtk = _bwd_cpu_side(Gn.transpose(-1, -2), _Side(tq, tk, acc, probs), _Side(sq, sk, acc, probs), add,
+                                 mask, attention_floor)
     return dsq, dsk, dtq, dtk
 
 
@@ -314,7 +376,7 @@ for _backend, (_fwd, _bwd) in _IMPLS.items():
     _f, _b = _OPS[_backend]
     torch.library.custom_op(f"bert_emd::{_f}", _fwd, mutates_args=(), schema=_FWD_SCHEMA)
     torch.library.custom_op(f"bert_emd::{_b}", _bwd, mutates_args=(), schema=_BWD_SCHEMA)
-    torch.library.register_fake(f"bert_emd::{_f}")(_fwd_fake)
+    torch.library.register_fake(f"bert_emd::{_f}")(_fwd_fake_no_lse if _backend == "cpu" else _fwd_fake)
     torch.library.register_fake(f"bert_emd::{_b}")(_bwd_fake)
     torch.library.register_autograd(
         f"bert_emd::{_f}", _backward, setup_context=functools.partial(_setup_context, bwd=_b)
