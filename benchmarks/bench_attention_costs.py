@@ -151,12 +151,13 @@ def _run_child(args: list[str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run(quick: bool, device: str, threads: int | None, out_dir: Path | None) -> list[dict]:
+def run(quick: bool, device: str, threads: int | None, out_dir: Path | None, batch: int | None = None,
+        sources: tuple[str, ...] | None = None) -> list[dict]:
     """Every (source, L, pass, provider): check D against the baseline, time it, measure its
     peak memory; append the rows to the CSV and print them as a table."""
-    B = 1 if quick else 4
+    B = batch or (1 if quick else 4)
     lengths = (128, 512)
-    sources = ("scores",) if quick else ("scores", "probs")
+    sources = sources or (("scores",) if quick else ("scores", "probs"))
     passes = ("fwd", "fwd+bwd")
     repeats = 3 if quick else 5
     providers = [BASELINE, "attention_costs[triton]" if device.startswith("cuda") else "attention_costs[cpu]"]
@@ -216,8 +217,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1, as bench_layer_costs; 0 = torch's default)")
     p.add_argument("--out-dir", type=Path, default=None, help="where the CSV goes")
+    p.add_argument("--batch", type=int, default=None, help="batch size B (default 4; 1 with --quick)")
+    p.add_argument("--source", choices=("scores", "probs"), action="append", default=None,
+                   help="only this source (repeatable; default both, scores with --quick)")
     args = p.parse_args(argv)
-    run(args.quick, args.device, args.threads or None, args.out_dir)
+    if args.batch is not None and args.batch < 1:
+        p.error(f"--batch must be >= 1, got {args.batch}")
+    run(args.quick, args.device, args.threads or None, args.out_dir, args.batch,
+        tuple(args.source) if args.source else None)
     return 0
 
 
