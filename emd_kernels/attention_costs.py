@@ -135,6 +135,48 @@ def _y_scores(yq_tab, yk_tab, j, b, h, offs_q, offs_k, qin, kin, dy, DY,
 
 
 @triton.jit
+def _program(BLOCK: tl.constexpr, H, L, MX, MX_PAD: tl.constexpr, DX_PAD: tl.constexpr, DY_PAD: tl.constexpr):
+    # (block offsets [BLOCK] along L, b*h, b, h, layer index [MX_PAD], its mask, head dims) of
+    # a program of grid (L blocks, B*H)
+    bh = tl.program_id(1)
+    offs = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+    ix = tl.arange(0, MX_PAD)
+    dx = tl.arange(0, DX_PAD).to(tl.int64)
+    dy = tl.arange(0, DY_PAD).to(tl.int64)
+    return offs, bh, (bh // H).to(tl.int64), (bh % H).to(tl.int64), ix, ix < MX, dx, dy
+
+
+@triton.jit
+def _layer_tables(tab, MX, NY, ix, xrow, X_DTYPE: tl.constexpr, HAS_OUT: tl.constexpr):
+    # the pointer table's X query and key bases [MX_PAD], its Y query and key tables, and (HAS_OUT:
+    # the backward's tables) the X outputs after them, dQ or dK; else the query bases stand in
+    xq_base = tl.load(tab + 4 + ix, mask=xrow, other=0).to(tl.pointer_type(X_DTYPE))
+    xk_base = tl.load(tab + 4 + MX + ix, mask=xrow, other=0).to(tl.pointer_type(X_DTYPE))
+    yq_tab = tab + 4 + 2 * MX
+    out_base = xq_base
+    if HAS_OUT:
+        out_base = tl.load(yq_tab + 2 * NY + ix, mask=xrow, other=0).to(tl.pointer_type(X_DTYPE))
+    return xq_base, xk_base, yq_tab, yq_tab + NY, out_base
+
+
+@triton.jit
+def _g_rows(g_ptr, b, g_sb, g_si, g_sj, ix, xrow, NY, MX_PAD: tl.constexpr, ACC: tl.constexpr):
+    # G[b, :, 0]'s addresses by X layer, and the row sums sum_j G_ij [MX_PAD]
+    g_row = g_ptr + b * g_sb + ix * g_si
+    rs = tl.zeros((MX_PAD,), dtype=ACC)
+    for j in range(NY):
+        rs += tl.load(g_row + j * g_sj, mask=xrow, other=0.0).to(ACC)
+    return g_row, rs
+
+
+@triton.jit
+def _store_x_rows(out_base, val, b, h, H, L, DX, offs, inr, dx, xrow, X_DTYPE: tl.constexpr):
+    # val [MX_PAD, R, DX_PAD] at rows ``offs`` of the X gradients, written contiguous [B, H, L, d_X]
+    out = out_base[:, None, None] + ((b * H + h) * L * DX + offs[:, None] * DX + dx[None, :])[None, :, :]
+    tl.store(out, val.to(X_DTYPE), mask=xrow[:, None, None] & (inr[:, None] & (dx < DX)[None, :])[None])
+
+
+@triton.jit
 def _grad_tile(
     qx, kxt, lse_x, xrow, valid, add, rs, c, g_row, g_sj,
     yq_tab, yk_tab, lse_y_ptr, bh, b, h, L, BH, NY, offs_q, offs_k, qin, kin, dy, DY,
@@ -192,22 +234,12 @@ def _attention_costs_fwd_kernel(
     # Per program: F = 2 BQ L (M d_X + N d_Y) (x2 with PROBS) + 3 BQ L M N;
     # reads BQ (M d_X + N d_Y) query and L (M d_X + N d_Y) key elements (keys from L2).
     qb = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    offs_q, bh, b, h, ix, xrow, dx, dy = _program(BQ, H, L, MX, MX_PAD, DX_PAD, DY_PAD)
     sx, sy, mask_value, floor = _consts(tab, ACC)
-    offs_q = (qb * BQ + tl.arange(0, BQ)).to(tl.int64)
     qin = offs_q < L
     ar_k = tl.arange(0, BK).to(tl.int64)
-    ix = tl.arange(0, MX_PAD)
-    xrow = ix < MX
     jy = tl.arange(0, NY_PAD)
-    dx = tl.arange(0, DX_PAD).to(tl.int64)
-    dy = tl.arange(0, DY_PAD).to(tl.int64)
-    xq_base = tl.load(tab + 4 + ix, mask=xrow, other=0).to(tl.pointer_type(X_DTYPE))
-    xk_base = tl.load(tab + 4 + MX + ix, mask=xrow, other=0).to(tl.pointer_type(X_DTYPE))
-    yq_tab = tab + 4 + 2 * MX
-    yk_tab = yq_tab + NY
+    xq_base, xk_base, yq_tab, yk_tab, _ = _layer_tables(tab, MX, NY, ix, xrow, X_DTYPE, False)
     qx = _load_x_rows(xq_base, xrow, b, h, offs_q, qin, dx, DX, xq_sb, xq_sh, xq_sl, xq_sd, X_DOT)  # read once
     row_ok = _rows_ok(tm_ptr, b, L, offs_q, qin, HAS_TM)
 
@@ -298,29 +330,14 @@ def _attention_costs_bwd_dq_kernel(
     # One program per (query block, b*h): dQ_i[q] = (1/sqrt(d_X)) sum_k dS_i[q,k] K_i[k].
     # PROBS first sweeps the keys for delta_i[q] (then stored for the dK kernel), then sweeps
     # again for dQ: F = (1 or 2) x [2 BQ L (M d_X + N d_Y) + 2 BQ L M N] + 2 BQ L M d_X.
-    qb = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    offs_q, bh, b, h, ix, xrow, dx, dy = _program(BQ, H, L, MX, MX_PAD, DX_PAD, DY_PAD)
     sx, sy, mask_value, floor = _consts(tab, ACC)
-    offs_q = (qb * BQ + tl.arange(0, BQ)).to(tl.int64)
     qin = offs_q < L
     ar_k = tl.arange(0, BK).to(tl.int64)
-    ix = tl.arange(0, MX_PAD)
-    xrow = ix < MX
-    dx = tl.arange(0, DX_PAD).to(tl.int64)
-    dy = tl.arange(0, DY_PAD).to(tl.int64)
-    xq_base = tl.load(tab + 4 + ix, mask=xrow, other=0).to(tl.pointer_type(X_DTYPE))
-    xk_base = tl.load(tab + 4 + MX + ix, mask=xrow, other=0).to(tl.pointer_type(X_DTYPE))
-    yq_tab = tab + 4 + 2 * MX
-    yk_tab = yq_tab + NY
-    dq_base = tl.load(tab + 4 + 2 * MX + 2 * NY + ix, mask=xrow, other=0).to(tl.pointer_type(X_DTYPE))
+    xq_base, xk_base, yq_tab, yk_tab, dq_base = _layer_tables(tab, MX, NY, ix, xrow, X_DTYPE, True)
     qx = _load_x_rows(xq_base, xrow, b, h, offs_q, qin, dx, DX, xq_sb, xq_sh, xq_sl, xq_sd, X_DOT)
     row_ok = _rows_ok(tm_ptr, b, L, offs_q, qin, HAS_TM)
-    g_row = g_ptr + b * g_sb + ix * g_si
-    rs = tl.zeros((MX_PAD,), dtype=ACC)  # sum_j G_ij
-    for j in range(NY):
-        rs += tl.load(g_row + j * g_sj, mask=xrow, other=0.0).to(ACC)
+    g_row, rs = _g_rows(g_ptr, b, g_sb, g_si, g_sj, ix, xrow, NY, MX_PAD, ACC)
     c = tl.load(c_ptr + b)
     lse_off = (ix[:, None] * BH + bh) * L + offs_q[None, :]
     xq_ok = xrow[:, None] & qin[None, :]
@@ -357,10 +374,7 @@ def _attention_costs_bwd_dq_kernel(
             ds = gx
         kx = _load_x_rows(xk_base, xrow, b, h, offs_k, kin, dx, DX, xk_sb, xk_sh, xk_sl, xk_sd, X_DOT)
         dq += tl.dot(ds.to(X_DTYPE).to(X_DOT), kx, input_precision=PREC, out_dtype=ACC)
-    dq = dq * sx
-    # gradients are written contiguous [B, H, L, d_X]
-    out = dq_base[:, None, None] + ((b * H + h) * L * DX + offs_q[:, None] * DX + dx[None, :])[None, :, :]
-    tl.store(out, dq.to(X_DTYPE), mask=xrow[:, None, None] & (qin[:, None] & (dx < DX)[None, :])[None])
+    _store_x_rows(dq_base, dq * sx, b, h, H, L, DX, offs_q, qin, dx, xrow, X_DTYPE)
 
 
 @triton.jit
@@ -380,29 +394,14 @@ def _attention_costs_bwd_dk_kernel(
     # One program per (key block, b*h): dK_i[k] = (1/sqrt(d_X)) sum_q dS_i[q,k] Q_i[q], sweeping
     # the query blocks (no atomics: deterministic). F = 2 BK L (M d_X + N d_Y) + 2 BK L M N
     # + 2 BK L M d_X.
-    kb = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    offs_k, bh, b, h, ix, xrow, dx, dy = _program(BK, H, L, MX, MX_PAD, DX_PAD, DY_PAD)
     sx, sy, mask_value, floor = _consts(tab, ACC)
-    offs_k = (kb * BK + tl.arange(0, BK)).to(tl.int64)
     kin = offs_k < L
     ar_q = tl.arange(0, BQ).to(tl.int64)
-    ix = tl.arange(0, MX_PAD)
-    xrow = ix < MX
-    dx = tl.arange(0, DX_PAD).to(tl.int64)
-    dy = tl.arange(0, DY_PAD).to(tl.int64)
-    xq_base = tl.load(tab + 4 + ix, mask=xrow, other=0).to(tl.pointer_type(X_DTYPE))
-    xk_base = tl.load(tab + 4 + MX + ix, mask=xrow, other=0).to(tl.pointer_type(X_DTYPE))
-    yq_tab = tab + 4 + 2 * MX
-    yk_tab = yq_tab + NY
-    dk_base = tl.load(tab + 4 + 2 * MX + 2 * NY + ix, mask=xrow, other=0).to(tl.pointer_type(X_DTYPE))
+    xq_base, xk_base, yq_tab, yk_tab, dk_base = _layer_tables(tab, MX, NY, ix, xrow, X_DTYPE, True)
     kxt = _load_kx_t(xk_base, xrow, b, h, dx, offs_k, kin, DX, xk_sb, xk_sh, xk_sl, xk_sd, X_DOT)  # read once
     add, col_ok = _keys(am_ptr, tm_ptr, b, L, offs_k, kin, mask_value, ACC, HAS_AM, HAS_TM)
-    g_row = g_ptr + b * g_sb + ix * g_si
-    rs = tl.zeros((MX_PAD,), dtype=ACC)
-    for j in range(NY):
-        rs += tl.load(g_row + j * g_sj, mask=xrow, other=0.0).to(ACC)
+    g_row, rs = _g_rows(g_ptr, b, g_sb, g_si, g_sj, ix, xrow, NY, MX_PAD, ACC)
     c = tl.load(c_ptr + b)
     dk = tl.zeros((MX_PAD, BK, DX_PAD), dtype=ACC)
     for q0 in range(0, L, BQ):
@@ -426,9 +425,7 @@ def _attention_costs_bwd_dk_kernel(
         else:
             ds = gx
         dk += tl.dot(tl.permute(ds, (0, 2, 1)).to(X_DTYPE).to(X_DOT), qx, input_precision=PREC, out_dtype=ACC)
-    dk = dk * sx
-    out = dk_base[:, None, None] + ((b * H + h) * L * DX + offs_k[:, None] * DX + dx[None, :])[None, :, :]
-    tl.store(out, dk.to(X_DTYPE), mask=xrow[:, None, None] & (kin[:, None] & (dx < DX)[None, :])[None])
+    _store_x_rows(dk_base, dk * sx, b, h, H, L, DX, offs_k, kin, dx, xrow, X_DTYPE)
 
 
 # ---------------------------------------------------------------------------------- launchers
