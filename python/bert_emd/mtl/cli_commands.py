@@ -199,18 +199,13 @@ def train_from_config(
     train_sets, eval_sets = prepare_data(cfg, tokenizer)
     model = build_model(cfg)
     sizes = {t: len(train_sets[t]) for t in model.task_names}
-    s = cfg.sampler
-    sampler = make_sampler(s.kind, sizes, temperature=s.temperature, power=s.power, anneal_to=s.anneal_to,
-                           batch_size=tr.batch_size)
-    steps_per_epoch = math.ceil(sum(math.ceil(n / tr.batch_size) for n in sizes.values()) / tr.tasks_per_step)
     n_epochs = tr.epochs if epochs is None else epochs
     total = (max_steps if max_steps is not None else tr.max_steps)
-    total_steps = total if total and total > 0 else math.ceil(steps_per_epoch * n_epochs)
     eval_strategy = tr.eval_strategy if eval_sets else "no"
     base = dict(
         output_dir=out, num_train_epochs=n_epochs, max_steps=total if total is not None else -1,
         per_device_train_batch_size=tr.batch_size, per_device_eval_batch_size=tr.eval_batch_size,
-        learning_rate=tr.lr, weight_decay=tr.weight_decay, warmup_steps=int(tr.warmup_ratio * total_steps),
+        learning_rate=tr.lr, weight_decay=tr.weight_decay,
         seed=seed, logging_steps=tr.logging_steps, eval_strategy=eval_strategy, save_strategy=tr.save_strategy,
         report_to="none", remove_unused_columns=False, use_cpu=tr.use_cpu, disable_tqdm=not progress,
     )
@@ -220,6 +215,16 @@ def train_from_config(
         base["save_steps"] = tr.logging_steps
     argv = [f"--{k}={v}" for k, v in base.items()] + list(extra or [])
     (args,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(args=argv)
+    # a task batch spans all processes (each takes its per-device share, as the trainer's batch
+    # sampler does): the epoch-shuffle schedule and the warmup count these global batches
+    task_batch = args.per_device_train_batch_size * args.world_size
+    s = cfg.sampler
+    sampler = make_sampler(s.kind, sizes, temperature=s.temperature, power=s.power, anneal_to=s.anneal_to,
+                           batch_size=task_batch)
+    steps_per_epoch = math.ceil(sum(math.ceil(n / task_batch) for n in sizes.values()) / tr.tasks_per_step)
+    total_steps = total if total and total > 0 else math.ceil(steps_per_epoch * n_epochs)
+    if args.warmup_steps == 0:  # no --warmup_steps flag: training.warmup_ratio of the run's steps
+        args.warmup_steps = int(tr.warmup_ratio * total_steps)
     common = dict(train_sets=train_sets, eval_sets=eval_sets, sampler=sampler, tasks_per_step=tr.tasks_per_step,
                   pad_token_id=tokenizer.pad_token_id or 0, processing_class=tokenizer, mixture_lr=tr.mixture_lr)
     loss = None

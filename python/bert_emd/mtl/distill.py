@@ -506,15 +506,16 @@ def distillation_step(
         (loss [], parts, the student's outputs per batch).
     """
     want_att = loss_fn.use_attention
-    items, outs = [], []
-    for b in batches:
-        task = student.task_names[student.task_index(b["task"])]
-        feeds = {k: b[k] for k in ("input_ids", "attention_mask", "token_type_ids") if b.get(k) is not None}
-        s_out = student(task, **feeds, output_attentions=want_att)
+    tasks = [student.task_names[student.task_index(b["task"])] for b in batches]
+    feeds = [{k: b[k] for k in ("input_ids", "attention_mask", "token_type_ids") if b.get(k) is not None}
+             for b in batches]
+    # the student on all task batches in one call: a DDP-wrapped student allows one forward per backward
+    outs = list(student([{"task": t, **f} for t, f in zip(tasks, feeds)], output_attentions=want_att))
+    items = []
+    for task, f, b, s_out in zip(tasks, feeds, batches, outs):
         with torch.no_grad():
-            t_out = teachers(task, feeds, output_attentions=want_att)
+            t_out = teachers(task, f, output_attentions=want_att)
         items.append(TaskDistillInput(task, s_out, t_out, b.get("labels"), b.get("attention_mask")))
-        outs.append(s_out)
     loss, parts = loss_fn(items, progress=progress)
     if student.mechanisms.hierarchy and student.mechanisms.hierarchy_mode == "emd":
         for name in {i.task for i in items}:

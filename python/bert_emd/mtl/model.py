@@ -273,7 +273,7 @@ class MultiTaskModel(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(
         self,
-        task: str | int | Tensor,
+        task: str | int | Tensor | Sequence[Mapping[str, Any]],
         input_ids: Tensor | None = None,
         attention_mask: Tensor | None = None,
         token_type_ids: Tensor | None = None,
@@ -281,18 +281,25 @@ class MultiTaskModel(nn.Module):
         *,
         output_attentions: bool = False,
         inputs_embeds: Tensor | None = None,
-    ) -> MultiTaskOutput:
+    ) -> MultiTaskOutput | list[MultiTaskOutput]:
         """One task's batch through the shared encoder and the task's private parts and head.
 
         Args:
-            task: the batch's task (name, index, or a [B] / [] tensor of its index).
+            task: the batch's task (name, index, or a [B] / [] tensor of its index); or a list of
+                task batches, mappings with ``task`` and this method's tensor arguments (then the
+                other arguments but ``output_attentions`` are not given).
             input_ids: [B, L] token ids; attention_mask: [B, L] 1 = real; token_type_ids: [B, L].
             labels: [B] class indices, [B] floats (regression) or [B, L] tag ids with -100 on
                 positions that carry no label (tagging); None for inference.
             output_attentions: also return the encoder's attention maps (eager attention).
         Returns:
-            :class:`MultiTaskOutput`.
+            :class:`MultiTaskOutput`; for a list of task batches, the list of their outputs.
         """
+        if isinstance(task, (list, tuple)):
+            # all of a step's task batches in one call: DDP allows one forward of the wrapped
+            # model per backward, and a step (tasks_per_step > 1) holds several task batches
+            return [self.forward(b["task"], **{k: v for k, v in b.items() if k != "task"},
+                                 output_attentions=output_attentions) for b in task]
         ti = self.task_index(task)
         name = self.task_names[ti]
         spec = self.specs[name]

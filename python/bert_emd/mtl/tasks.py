@@ -447,7 +447,8 @@ class ModelOptions:
 class TrainingOptions:
     """Trainer options (a subset of ``transformers.TrainingArguments`` with MTL additions).
 
-    ``batch_size`` is the size of one task batch; ``tasks_per_step`` task batches make a step;
+    ``batch_size`` is the size of one task batch (of each process's share of it: N processes train
+    on task batches of N * batch_size examples); ``tasks_per_step`` task batches make a step;
     ``mixture_lr`` is the learning rate of the hierarchy mechanism's layer-mixture logits and
     scale (None: ``lr``; at fine-tuning rates like 5e-5 a softmax over layers barely moves);
     ``limit_train`` / ``limit_eval`` keep the first rows of each task (quick runs).

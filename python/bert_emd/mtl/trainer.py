@@ -360,15 +360,21 @@ class _MultiTaskMixin:
         assert isinstance(m, MultiTaskModel)
         return m
 
+    def _task_batch_size(self) -> int:
+        """Examples in one task batch across all processes: each takes ``per_device_train_batch_size``
+        of them, so that N processes with batch b train as one process with batch N * b."""
+        return self.args.per_device_train_batch_size * self.args.world_size
+
     def batch_sampler(self) -> MultiTaskBatchSampler:
-        """The training batch sampler (all ranks draw the same task sequence)."""
+        """The training batch sampler (all ranks draw the same task sequence and the same task
+        batches, and each takes its ``per_device_train_batch_size`` examples of every task batch)."""
         model = self._model()
         sizes = [len(self.mtl_train_sets[t]) for t in model.task_names]
         args = self.args
         return MultiTaskBatchSampler(
             sizes,
             self.mtl_sampler,
-            args.per_device_train_batch_size,
+            self._task_batch_size(),
             num_epochs=args.num_train_epochs if args.max_steps <= 0 else max(
                 1.0, args.max_steps * args.gradient_accumulation_steps / max(1, self._steps_per_epoch(sizes))
             ),
@@ -379,7 +385,7 @@ class _MultiTaskMixin:
         )
 
     def _steps_per_epoch(self, sizes: list[int]) -> int:
-        b = self.args.per_device_train_batch_size
+        b = self._task_batch_size()
         return math.ceil(sum(math.ceil(n / b) for n in sizes) / self.tasks_per_step)
 
     def get_train_dataloader(self) -> DataLoader:
@@ -393,16 +399,34 @@ class _MultiTaskMixin:
         )
         prepared = self.accelerator.prepare(loader)
         # our batch sampler is rank-aware (same tasks on every rank): make accelerate's
-        # re-sharding wrapper a passthrough, as Trainer does for its rank-aware samplers
+        # re-sharding wrapper a passthrough, as Trainer does for its rank-aware samplers. Its
+        # batch_size goes too (and split_batches, which cuts by it): the wrapper yields only batches
+        # of exactly that length, and ours are a rank's share of each of a step's task batches
         wrapper = getattr(prepared, "batch_sampler", None)
         if wrapper is not None and getattr(wrapper, "batch_sampler", None) is bs:
             wrapper.num_processes = 1
             wrapper.process_index = 0
+            wrapper.batch_size = None
+            wrapper.split_batches = False
         return prepared
 
     def _progress(self) -> float:
         total = self.state.max_steps or 1
         return min(1.0, self.state.global_step / total)
+
+    def _log_step_tasks(self, batches: list[dict[str, Any]]) -> None:
+        """Debug log line: the task batches (task x examples) this process trains on in this step.
+
+        In distributed runs every rank must name the same tasks in the same order (their heads'
+        gradients and, distilling, their transport problems are reduced across ranks); enable the
+        ``bert_emd.mtl.trainer`` logger at DEBUG to see (and the tests to check) that they do.
+        """
+        if not logger.isEnabledFor(logging.DEBUG):
+            return
+        names = self._model().task_names
+        desc = ", ".join(f"{names[int(b['task'])]} x {len(b['input_ids'])}" for b in batches)
+        logger.debug("rank %d of %d, step %d: %s", self.args.process_index, self.args.world_size,
+                     self.state.global_step, desc)
 
     def _record(self, task: str, value: Tensor) -> None:
         # device tensors summed, read at logging time only (no host synchronisation per step)
@@ -466,7 +490,8 @@ class MultiTaskTrainer(_MultiTaskMixin, Trainer):
 
     Args:
         model: the multi-task model.
-        args: ``TrainingArguments``; ``per_device_train_batch_size`` is the size of one task batch.
+        args: ``TrainingArguments``; ``per_device_train_batch_size`` is each process's share of a
+            task batch (a task batch has ``per_device_train_batch_size * world_size`` examples).
         train_sets: ``{task: tokenised training split}``.
         eval_sets: ``{task: tokenised validation split}`` (for :meth:`evaluate`).
         sampler: the task sampler.
@@ -500,17 +525,17 @@ class MultiTaskTrainer(_MultiTaskMixin, Trainer):
     ) -> Tensor | tuple[Tensor, Any]:
         """Mean over the step's task batches of each batch's loss (weighted task loss + aux)."""
         names = self._model().task_names
-        total, outs = None, []
-        for b in inputs["task_batches"]:
-            feeds = {k: v for k, v in b.items() if k != "task"}
-            out = model(b["task"], **feeds)
+        batches = inputs["task_batches"]
+        self._log_step_tasks(batches)
+        outs = model(batches)  # one forward for all the step's task batches (one per backward under DDP)
+        total = None
+        for b, out in zip(batches, outs):
             if out.loss is None:
                 raise ValueError(f"task {names[int(b['task'])]!r}: a training batch without labels")
             self._record(names[int(b["task"])], out.task_loss)
             for k, v in out.aux.items():
                 self._record(k, v)
             total = out.loss if total is None else total + out.loss
-            outs.append(out)
         assert total is not None
         loss = total / len(outs)
         return (loss, outs) if return_outputs else loss
@@ -552,6 +577,7 @@ class MultiTaskDistillationTrainer(_MultiTaskMixin, DistillationTrainer):
         """The step's multi-task distillation loss (one batched EMD solve for all its tasks)."""
         student = self._model()
         batches = inputs["task_batches"]
+        self._log_step_tasks(batches)
         assert isinstance(self.distill_loss, MultiTaskEMDLoss) and isinstance(self.teacher, TeacherSet)
         with self._teacher_autocast():
             loss, parts, outs = distillation_step(student if model is student else _Wrapped(model, student),
