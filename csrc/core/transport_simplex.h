@@ -134,7 +134,8 @@ BEMD_HD inline EmdWorkspace emd_workspace_bind(void* mem, int M, int N) {
 // Lexicographic comparison of x1 + k1*eps against x2 + k2*eps, where eps-free parts within
 // `tol` of each other count as equal (they differ only by rounding of the input weights).
 BEMD_HD inline bool lex_less(double x1, int32_t k1, double x2, int32_t k2, double tol) {
-  return x1 < x2 - tol || (fabs(x1 - x2) <= tol && k1 < k2);
+  // bitwise, not short-circuit: the outcome is data-dependent, a branch would mispredict often
+  return (x1 < x2 - tol) | ((fabs(x1 - x2) <= tol) & (k1 < k2));
 }
 
 // x - y with rounding-level results snapped to exactly 0.
