@@ -161,6 +161,14 @@ class _Chunk(NamedTuple):
         return (self.h1 - self.h0) * (self.q1 - self.q0)
 
 
+def _balanced(n: int, most: int) -> int:
+    """Block size <= ``most`` that cuts n into the fewest, equal-as-possible blocks (512 rows with
+    room for 480: two blocks of 256, not 480 and a ragged 32 that runs BLAS at a fraction of the
+    speed)."""
+    blocks = -(-n // max(1, min(most, n)))
+    return -(-n // blocks)
+
+
 def _chunks(B: int, H: int, L: int, layers: int) -> Iterator[_Chunk]:
     """Blocks whose ``layers`` tiles [nb, nh, cq, L] hold at most CPU_CHUNK_ELEMENTS elements
     together (at least one row). Rows grow first, then heads, then samples: the score GEMMs
@@ -168,9 +176,9 @@ def _chunks(B: int, H: int, L: int, layers: int) -> Iterator[_Chunk]:
     BLAS at half the speed of a 480-row tile of one head)."""
     per_layer = max(1, CPU_CHUNK_ELEMENTS // max(layers, 1))
     L1 = max(L, 1)
-    cq = min(L1, max(1, per_layer // L1))
-    nh = min(max(H, 1), max(1, per_layer // (cq * L1))) if cq >= L1 else 1
-    nb = min(max(B, 1), max(1, per_layer // (H * cq * L1))) if nh >= H else 1
+    cq = _balanced(L1, max(1, per_layer // L1))
+    nh = _balanced(max(H, 1), max(1, per_layer // (cq * L1))) if cq >= L1 else 1
+    nb = _balanced(max(B, 1), max(1, per_layer // (H * cq * L1))) if nh >= H else 1
     for b0 in range(0, B, nb):
         for h0 in range(0, H, nh):
             for q0 in range(0, L, cq):
