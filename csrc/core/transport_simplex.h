@@ -256,29 +256,25 @@ BEMD_HD inline void emd_hang(EmdWorkspace& w, int m, int n, int root, int parent
   }
 }
 
-// Adjacency lists of the initial basis, then the whole tree hung from node 0.
-BEMD_HD inline void emd_build_tree(EmdWorkspace& w, int m, int n) {
+// Adjacency lists of the basis (parent pointers, depths and potentials come from the start).
+BEMD_HD inline void emd_link_basis(EmdWorkspace& w, int m, int n) {
   const int K = m + n;
   for (int v = 0; v < K; ++v) w.head[v] = -1;
   for (int e = 0; e < K - 1; ++e) {
     emd_link(w, 2 * e, w.brow[e]);
     emd_link(w, 2 * e + 1, m + w.bcol[e]);
   }
-  emd_hang(w, m, n, 0, -1, -1);
 }
 
-// Breadth-first order of the final tree (parents before children) for the flow recomputation.
-BEMD_HD inline void emd_bfs_order(EmdWorkspace& w, int m) {
-  int head = 0, tail = 1;
-  w.order[0] = 0;
-  while (head < tail) {
-    const int v = w.order[head++];
-    for (int slot = w.head[v]; slot >= 0; slot = w.nxt[slot]) {
-      const int e = slot >> 1;
-      const int other = (slot & 1) ? w.brow[e] : m + w.bcol[e];
-      if (other != w.par[v]) w.order[tail++] = other;
-    }
-  }
+// Nodes by increasing depth (parents before children) for the flow recomputation: a counting
+// sort over the depths, which the tree keeps current; no walk of the adjacency lists.
+BEMD_HD inline void emd_depth_order(EmdWorkspace& w, int K) {
+  int32_t* __restrict__ start = w.path;  // scratch [K]: depths are < K
+  for (int d = 0; d < K; ++d) start[d] = 0;
+  for (int v = 0; v < K; ++v) ++start[w.depth[v]];
+  int sum = 0;
+  for (int d = 0; d < K; ++d) { const int c = start[d]; start[d] = sum; sum += c; }
+  for (int v = 0; v < K; ++v) w.order[start[w.depth[v]]++] = v;
 }
 
 // Initial basis: a greedy start in regret order, a one-pass simplification of Vogel's
@@ -362,9 +358,31 @@ BEMD_HD inline void emd_initial_basis(EmdWorkspace& w, int m, int n, double ftol
     w.fk[e] = k;
     rx[i] = snap_sub(rx[i], f, ftol); rk[i] -= k;
     rx[rj] = snap_sub(rx[rj], f, ftol); rk[rj] -= k;
-    if ((row_smaller && rows_left > 1) || cols_left == 1) { done[i] = 1; --rows_left; }
-    else { done[rj] = 1; --cols_left; }
+    // the closed line has no later cell: in the tree it hangs below the other line of this cell
+    const bool close_row = (row_smaller && rows_left > 1) || cols_left == 1;
+    const int closed = close_row ? i : rj;
+    done[closed] = 1;
+    if (close_row) --rows_left; else --cols_left;
+    w.par[closed] = close_row ? rj : i;
+    w.parc[closed] = e;
+    w.path[e] = closed;
     if (rows_left == 0 || cols_left == 0) break;
+  }
+  // The tree, from the allocation order. Every cell closed one line, and each closed line's
+  // other cells came earlier, so in reverse allocation order every cell attaches its closed
+  // line below a node already placed. One column is never closed (the last row closes only
+  // when one column is left, and that column never closes): it is the root. So parent
+  // pointers, depths and potentials (u_r + v_c = C_rc on every basic cell) need no tree walk.
+  int root = m;
+  while (done[root]) ++root;
+  w.par[root] = -1;
+  w.parc[root] = -1;
+  w.depth[root] = 0;
+  w.pot[root] = 0.0;
+  for (int e = K - 2; e >= 0; --e) {
+    const int x = w.path[e], y = w.par[x];
+    w.depth[x] = w.depth[y] + 1;
+    w.pot[x] = cl[w.brow[e] * n + w.bcol[e]] - w.pot[y];
   }
 }
 
@@ -420,7 +438,7 @@ BEMD_HD inline int emd_solve(const EmdProblem<T>& p, const EmdOutput<T>& out, Em
   int32_t* __restrict__ brow = w.brow;
   int32_t* __restrict__ bcol = w.bcol;
   int32_t* __restrict__ path = w.path;
-  emd_build_tree(w, m, n);
+  emd_link_basis(w, m, n);
   // rows per pricing block: everything up to 32x32, else about 2 sqrt(mn) cells
   int block_rows = m;
   if (m * n > 1024) {
@@ -518,7 +536,7 @@ BEMD_HD inline int emd_solve(const EmdProblem<T>& p, const EmdOutput<T>& out, Em
     else emd_hang(w, m, n, m + ej, ei, leave);
   }
   // (the tree and potentials are current: the loop exits right after pricing)
-  emd_bfs_order(w, m);
+  emd_depth_order(w, K);
 
   // --- flows from the tree and the unperturbed weights: leaves first (reverse BFS order)
   double* __restrict__ rx = w.rx;
