@@ -235,3 +235,22 @@ def sentiment_rows(n: int, seed: int = 0) -> list[dict]:
         rnd.shuffle(words)
         out.append({"text": " ".join(words), "label": "positive" if pos else "negative"})
     return out
+
+
+def assert_same_logged_losses(reference: Path, other: Path, steps: int) -> None:
+    """The training logs of two runs' ``trainer_state.json`` files hold, at each of steps 1..``steps``,
+    the same ``loss`` and ``loss_*`` terms (``loss_<part>`` of distillation, ``loss_<task>`` of
+    multi-task training) to float rounding (rel 1e-4, abs 1e-6)."""
+    import pytest
+
+    def terms(path: Path) -> dict[int, dict[str, float]]:
+        history = json.loads(Path(path).read_text())["log_history"]
+        return {h["step"]: {k: v for k, v in h.items() if k == "loss" or k.startswith("loss_")}
+                for h in history if "loss" in h}
+
+    a, b = terms(reference), terms(other)
+    assert sorted(a) == sorted(b) == list(range(1, steps + 1)), (sorted(a), sorted(b))
+    for step in a:
+        assert len(a[step]) > 1 and a[step].keys() == b[step].keys(), (step, a[step], b[step])
+        for k, v in a[step].items():
+            assert b[step][k] == pytest.approx(v, rel=1e-4, abs=1e-6), (step, k, a[step], b[step])

@@ -7,7 +7,9 @@ One process with batch 8 and two processes with batch 4 each see the same global
 student, the projection and the layer weights must agree to float rounding: every rank solves
 the transport problem of the all-reduced costs, and the projection's gradient is averaged.
 A run that silently fell back to one process with batch 4 would train on other batches (rows 0-3
-and 4-7 instead of 0-7 and 8-15), so the comparison also proves that both ranks took part.
+and 4-7 instead of 0-7 and 8-15), so the comparison also proves that both ranks took part. The
+logged loss parts (``loss_<part>`` at every step) must also be the one process's: the trainer
+averages them over the ranks, as ``Trainer`` does its ``loss``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("datasets")
 
-from _distill_fixtures import make_teacher, sentiment_rows, write_table  # noqa: E402
+from _distill_fixtures import assert_same_logged_losses, make_teacher, sentiment_rows, write_table  # noqa: E402
 from bert_emd.distill.cli_commands import run_distill  # noqa: E402
 from bert_emd.distill.trainer import LOSS_STATE_NAME  # noqa: E402
 
@@ -44,7 +46,7 @@ def _argv(teacher, train, out, batch):
         "--use_cpu", "True", "--per_device_train_batch_size", str(batch),
         "--train_sampling_strategy", "sequential", "--max_steps", "2", "--optim", "sgd", "--learning_rate", "0.1",
         "--eval_strategy", "no", "--save_strategy", "no", "--disable_tqdm", "True", "--seed", "3",
-        "--dataloader_num_workers", "0",
+        "--dataloader_num_workers", "0", "--logging_steps", "1",
     ]
 
 
@@ -97,6 +99,13 @@ def _check_two_processes_match_one(
     # two processes with batch 4 made the same two global steps
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 2 and state["train_batch_size"] == 4
+    # ... and logged the one process's loss parts at both steps. Each rank's part is a mean over its
+    # 4 rows, with as many terms on each rank: MSEs over [4, 16, ...] elements (every row is padded to
+    # 16 tokens, and without --token-mask padding counts too), KL and cross-entropy means over the
+    # rows; the layer terms weigh the costs by the plan of the all-reduced costs, which is the single
+    # process's plan. So the mean over the two ranks of their means is the mean over all 8 rows, the
+    # one process's value, up to float rounding. Rank 0's own parts (its 4 rows only) would not be.
+    assert_same_logged_losses(single / "trainer_state.json", out / "trainer_state.json", 2)
 
 
 def test_two_gloo_processes_match_one(single_run, tmp_path):

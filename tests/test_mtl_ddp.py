@@ -14,7 +14,9 @@ rows (no task batch is short, which would split unevenly), and nothing is batch-
 dropout, no ``private`` mechanism, whose orthogonality loss couples a batch's examples). With rows
 of different lengths the tagging loss would weight tokens differently on one and on two processes,
 by design of the per-rank mean (as in any DDP run of ``transformers.Trainer``). Plain SGD: Adam
-would magnify float noise in near-zero gradients.
+would magnify float noise in near-zero gradients. For the same reason the logged task losses
+(``loss_<task>`` of every step, in the last checkpoint's ``trainer_state.json``) must be the single
+process's: the trainer averages the ranks' means, and equal counts make that the mean over both.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("datasets")
 yaml = pytest.importorskip("yaml")
 
+from _distill_fixtures import assert_same_logged_losses  # noqa: E402
 from bert_emd.cli import main  # noqa: E402
 
 WORDS = [f"w{i}" for i in range(30)]
@@ -116,8 +119,9 @@ def _config(root: Path, out: Path, batch_size: int, tasks_per_step: int) -> Path
 
 
 def _argv(config: Path) -> list[str]:
+    # one checkpoint, at the last step: the only trainer_state.json (log_history) a run writes
     return ["mtl", "train", "--config", str(config), "--max-steps", str(STEPS), "--optim", "sgd",
-            "--dataloader_num_workers", "0"]
+            "--dataloader_num_workers", "0", "--save_strategy", "steps", "--save_steps", str(STEPS)]
 
 
 def _steps(lines: list[str]) -> list[tuple[int, int, int, list[tuple[str, int]]]]:
@@ -181,3 +185,10 @@ def test_two_gloo_processes_same_tasks_and_match_one(workspace, tmp_path, caplog
     moved = [k for k in start if not torch.allclose(start[k], a[f"encoder.{k}"])]
     assert len(moved) > len(start) // 2  # the encoder trained (not two copies of the initial weights)
     assert res[1]["training_loss"] == pytest.approx(res[0]["training_loss"], rel=1e-4, abs=1e-6)
+    # (d) the same logged task losses at every step (logging_steps 1): each rank's loss_<task> is its
+    # mean over its 4 of the task batch's 8 examples (sentence task) or over their 20 of 40 labelled
+    # tokens (tagging: five one-token words per row), as many on each rank, so the trainer's mean over
+    # the ranks is the single process's mean over all 8 / 40, up to float rounding. Rank 0's own
+    # means (half the batch) would not be.
+    state = f"checkpoint-{STEPS}/trainer_state.json"
+    assert_same_logged_losses(single / state, ddp / state, STEPS)

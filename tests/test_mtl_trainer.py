@@ -102,6 +102,11 @@ def test_mtl_train_then_evaluate(workspace, capsys):
         assert (out / f).is_file(), f
     res = json.loads((out / "mtl_results.json").read_text())
     assert res["global_step"] == 24 and set(res["eval"]["tasks"]) == {"sent", "tag"}
+    # the log history (logging every 4 steps) with each task's training loss
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    logged = [h for h in history if "loss" in h]
+    assert [h["step"] for h in logged] == [4, 8, 12, 16, 20, 24]
+    assert all("loss_sent" in h or "loss_tag" in h for h in logged)
     scores = res["eval"]["tasks"]
     assert scores["sent"]["n"] == 16 and 0 <= scores["tag"]["token_acc"] <= 1
     assert res["eval"]["macro_avg"] == pytest.approx((scores["sent"]["acc"] + scores["tag"]["token_acc"]) / 2)

@@ -15,10 +15,10 @@ added:
   costs go to ``transport.json`` beside it.
 
 At every logging step the loss parts (``loss_attention``, ``loss_hidden``, ``loss_embedding``,
-``loss_prediction``, ... averaged over the steps since the last log, on this process) and the
-current layer weights (``w_student.i``, ``w_teacher.j``; ``w_student_attention.i`` ... when
-attention and hidden keep separate weights) are added to the logs and so to
-``trainer_state.json``'s ``log_history``, which ``bert-emd plot`` reads.
+``loss_prediction``, ... averaged over the steps since the last log and over the processes, as
+``Trainer``'s own ``loss``) and the current layer weights (``w_student.i``, ``w_teacher.j``;
+``w_student_attention.i`` ... when attention and hidden keep separate weights) are added to the
+logs and so to ``trainer_state.json``'s ``log_history``, which ``bert-emd plot`` reads.
 
 Evaluation runs the student alone (its own task loss and logits); it never updates the layer
 weights.
@@ -37,7 +37,15 @@ import torch
 from torch import Tensor, nn
 from transformers import Trainer, TrainerCallback
 
-__all__ = ["LOSS_STATE_NAME", "TRANSPORT_NAME", "DistillationTrainer", "atomic_save", "loss_weights", "transport_state"]
+__all__ = [
+    "LOSS_STATE_NAME",
+    "TRANSPORT_NAME",
+    "DistillationTrainer",
+    "atomic_save",
+    "loss_weights",
+    "mean_over_processes",
+    "transport_state",
+]
 
 LOSS_STATE_NAME = "distill_loss.pt"
 TRANSPORT_NAME = "transport.json"
@@ -67,6 +75,50 @@ def atomic_save(obj: Any, path: str, *, as_json: bool = False) -> None:
 
 def _tolist(t: Tensor | None) -> list | None:
     return None if t is None else t.detach().double().cpu().tolist()
+
+
+def mean_over_processes(accelerator: Any, sums: dict[str, Tensor], counts: dict[str, int] | int) -> dict[str, float]:
+    """Means of logged terms over the steps since the last log and over the processes.
+
+    Args:
+        accelerator: the trainer's ``Accelerator`` (one process: no collective at all).
+        sums: ``{key: [] tensor}``, this process's sum of the term over its recorded steps (device
+            tensors, read here only: nothing synchronises the host per step).
+        counts: ``{key: steps recorded}``, or one count for every key (a key that this process
+            lacks then counts as 0 in each of those steps).
+    Returns:
+        ``{key: (sum of the processes' sums) / (sum of their counts)}``. Our trainers record the
+        same number of steps per key on every rank (same steps, same tasks), so this is the mean
+        over the ranks of each rank's mean, as ``Trainer``'s ``loss`` (``tr_loss`` gathered and
+        averaged over the ranks).
+
+    A collective in a distributed run: every process must call it at the same point (training
+    logs, which every rank reaches at the same steps).
+    """
+    keys = list(sums)
+    if accelerator.num_processes > 1:
+        # Every rank must all-reduce the same keys in the same order: a rank without some key (a
+        # custom loss whose parts depend on the batch, ...) would otherwise reduce a tensor of another
+        # length (a hang) or add up different terms. So agree first on the union of the ranks' keys
+        # (one small object gather per log, never per step), in the same order everywhere (the
+        # gathered list is the same on every rank); a key missing on a rank adds 0 there.
+        from accelerate.utils import gather_object
+
+        try:
+            keys = list(dict.fromkeys(gather_object(keys)))
+        except NotImplementedError:  # XLA has no object gather: keys as recorded (same by construction)
+            pass
+    if not keys:
+        return {}
+    device = accelerator.device
+    zero = torch.zeros((), device=device)
+    n = [float(counts if isinstance(counts, int) else counts.get(k, 0)) for k in keys]
+    stacked = torch.cat([
+        torch.stack([sums[k].detach().float().reshape(()).to(device) if k in sums else zero for k in keys]),
+        torch.tensor(n, device=device),
+    ])
+    total = accelerator.reduce(stacked, reduction="sum").tolist()  # a copy, unchanged in one process
+    return {k: s / c for k, s, c in zip(keys, total[: len(keys)], total[len(keys) :]) if c > 0}
 
 
 def loss_weights(loss: nn.Module) -> dict[str, list[float]]:
@@ -212,12 +264,17 @@ class DistillationTrainer(Trainer):
 
     # ------------------------------------------------------------------ logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Add the loss parts (mean since the last training log) and the layer weights to every
-        training log."""
+        """Add the loss parts (mean since the last training log, over the steps and the processes)
+        and the layer weights to every training log."""
+        # Training logs ("loss" in logs) come at the same steps on every rank, and _parts_steps (the
+        # compute_loss calls since the last log) is the same on every rank, so every rank enters or
+        # none does (mean_over_processes is a collective). The multi-task trainers never count here.
         if "loss" in logs and self._parts_steps:
-            for k, v in self._parts_sum.items():
-                logs[f"loss_{k}"] = float(v) / self._parts_steps
+            for k, v in mean_over_processes(self.accelerator, self._parts_sum, self._parts_steps).items():
+                logs[f"loss_{k}"] = v
             self._parts_sum, self._parts_steps = {}, 0
+            # no reduce for the layer weights: they are the same on every rank (broadcast from rank 0
+            # at the start, then updated from the all-reduced transport costs)
             for who, values in loss_weights(self.distill_loss).items():
                 for i, w in enumerate(values):
                     logs[f"w_{who}.{i}"] = w

@@ -251,6 +251,7 @@ def train_from_config(
         trainer.remove_callback(PrinterCallback)
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(out)
+    trainer.save_state()  # trainer_state.json (log history: what `bert-emd plot` and the docstring promise)
     res: dict[str, Any] = {"output_dir": out, "train_runtime": result.metrics.get("train_runtime"),
                            "global_step": result.global_step, "training_loss": result.training_loss}
     if evaluate and eval_sets:

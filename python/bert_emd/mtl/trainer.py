@@ -12,7 +12,8 @@ What the multi-task trainers change, and nothing else:
 - ``evaluate``: every task's validation set, its metrics (``eval_<task>_<metric>``) and the
   macro average of the tasks' headline metrics (``eval_macro_avg``);
 - logging adds each task's mean training loss since the last log (``loss_<task>``), the
-  auxiliary losses, and -- distilling -- each task's EMD layer weights;
+  auxiliary losses (both averaged over the processes, as the Trainer's ``loss``), and --
+  distilling -- each task's EMD layer weights;
 - saving writes ``mtl_config.json`` and the encoder's config next to the weights, so that
   :meth:`MultiTaskModel.from_pretrained` loads the folder.
 
@@ -35,7 +36,7 @@ from torch import Tensor, nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from transformers import Trainer
 
-from ..distill.trainer import DistillationTrainer
+from ..distill.trainer import DistillationTrainer, mean_over_processes
 from .distill import MultiTaskEMDLoss, TeacherSet, distillation_step
 from .model import MultiTaskModel
 from .samplers import MultiTaskBatchSampler, TaskSampler
@@ -437,13 +438,18 @@ class _MultiTaskMixin:
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
-            for t, v in self._task_loss_sum.items():
-                logs[f"loss_{t}"] = float(v) / max(1, self._task_loss_n[t])
+            # every rank reaches the training logs at the same steps and has recorded the same tasks
+            # (and terms) as many times: mean_over_processes (a collective) averages them over the
+            # ranks; it also copes with a term that some rank lacks
+            for t, v in mean_over_processes(self.accelerator, self._task_loss_sum, self._task_loss_n).items():
+                logs[f"loss_{t}"] = v
             self._task_loss_sum, self._task_loss_n = {}, {}
             self._extra_logs(logs)
         super().log(logs, start_time)  # type: ignore[misc]
 
     def _extra_logs(self, logs: dict[str, float]) -> None:
+        # layer weights need no reduce: the same on every rank (the mixtures are the DDP-synced
+        # model's parameters; the EMD weights are updated from the all-reduced transport costs)
         model = self._model()
         for t, w in model.layer_weights().items():
             for i, x in enumerate(w.tolist()):
