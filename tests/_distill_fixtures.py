@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import socket
 import string
 from pathlib import Path
 
@@ -254,3 +255,10 @@ def assert_same_logged_losses(reference: Path, other: Path, steps: int) -> None:
         assert len(a[step]) > 1 and a[step].keys() == b[step].keys(), (step, a[step], b[step])
         for k, v in a[step].items():
             assert b[step][k] == pytest.approx(v, rel=1e-4, abs=1e-6), (step, k, a[step], b[step])
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a launcher's rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

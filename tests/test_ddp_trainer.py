@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,15 +26,15 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("datasets")
 
-from _distill_fixtures import assert_same_logged_losses, make_teacher, sentiment_rows, write_table  # noqa: E402
+from _distill_fixtures import (  # noqa: E402
+    assert_same_logged_losses,
+    free_port,
+    make_teacher,
+    sentiment_rows,
+    write_table,
+)
 from bert_emd.distill.cli_commands import run_distill  # noqa: E402
 from bert_emd.distill.trainer import LOSS_STATE_NAME  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _argv(teacher, train, out, batch):
@@ -110,7 +109,7 @@ def _check_two_processes_match_one(
 
 def test_two_gloo_processes_match_one(single_run, tmp_path):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                "--master_port", str(_free_port())]
+                "--master_port", str(free_port())]
     _check_two_processes_match_one(single_run, tmp_path / "ddp", launcher)
 
 
@@ -125,7 +124,7 @@ def test_accelerate_launch_matches_one(single_run, tmp_path):
     """
     pytest.importorskip("accelerate")
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port()),
+                "--num_machines", "1", "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()),
                 "--mixed_precision", "no", "--dynamo_backend", "no"]
     # an empty HF_HOME: a default accelerate config in the user's cache (deepspeed, fp16, ...) would
     # otherwise fill in every setting not given on the command line

@@ -26,7 +26,6 @@ import logging
 import os
 import random
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -38,7 +37,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("datasets")
 yaml = pytest.importorskip("yaml")
 
-from _distill_fixtures import assert_same_logged_losses  # noqa: E402
+from _distill_fixtures import assert_same_logged_losses, free_port  # noqa: E402
 from bert_emd.cli import main  # noqa: E402
 
 WORDS = [f"w{i}" for i in range(30)]
@@ -56,12 +55,6 @@ log.setLevel(logging.DEBUG)
 log.addHandler(handler)
 sys.exit(main(sys.argv[2:]))
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(autouse=True)
@@ -153,7 +146,7 @@ def test_two_gloo_processes_same_tasks_and_match_one(workspace, tmp_path, caplog
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(driver), str(logs),
+           "--master_port", str(free_port()), str(driver), str(logs),
            *_argv(_config(workspace, ddp, 4, tasks_per_step)),
            "--ddp_backend", "gloo"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
