@@ -139,13 +139,18 @@ def _bwd_torch(grad, sq, sk, tq, tk, lse, attention_mask, mask, mask_value, prob
 
 
 # ------------------------------------------------------------------------------ cpu (chunked)
-# Why this shape: per chunk (a block of query rows of all layers), one BLAS call per layer forms
-# the score tile with scale and mask fused (baddbmm: alpha = d**-0.5, beta = 1 on the broadcast
-# additive mask), torch's vectorised softmax turns it into probs (never exp_ on -10000 entries:
-# the generic exp is 10-30x slower on underflowing inputs), and the fused C++ layer_costs kernels
-# read every tile once for all M * N pairs, forward (the costs) and backward (the gradient of each
-# tile, floor and all). Rows are whole (all L keys), so the backward recomputes probs from the
-# scores directly and needs no log-sum-exp: this backend returns an empty lse.
+# Maths: D_ij = (1/n) sum over chunks c of S_ij(c), S_ij(c) = sum over the chunk's entries of
+# w (f(A^S_i) - f(A^T_j))^2 (n per sample, or over the batch); the gradient of a chunk's tiles is
+# layer_costs' fused one, (2/n) w [A^S_i > floor] (f(A^S_i) sum_j G_ij - sum_j G_ij f(A^T_j)),
+# then the softmax backward (probs) and dQ = dA K d**-0.5, dK = dA^T Q d**-0.5.
+# Why this shape: per chunk (whole rows of all layers), one BLAS call per layer forms the score
+# tile with the scale fused (baddbmm, alpha = d**-0.5, beta = 0), the padding mask is added to the
+# padded keys' columns only, torch's vectorised softmax turns scores into probs (never exp_ on
+# -10000 entries: the generic exp is 10-30x slower on underflowing inputs), and the fused C++
+# layer_costs kernels read every tile once for all M * N pairs, forward (the costs) and backward
+# (the gradient of each tile, floor and all). Rows are whole (all L keys), so the backward
+# recomputes probs from the scores directly and needs no log-sum-exp: this backend returns an
+# empty lse.
 class _Chunk(NamedTuple):
     """Samples b0:b1, heads h0:h1, query rows q0:q1 (all L keys) of every layer."""
 
@@ -157,7 +162,8 @@ class _Chunk(NamedTuple):
     q1: int
 
     @property
-    def entries(self) -> int:  # per sample: heads x rows x keys
+    def entries(self) -> int:
+        """Heads x query rows of the chunk, per sample (times L keys: its entries per layer)."""
         return (self.h1 - self.h0) * (self.q1 - self.q0)
 
 
