@@ -238,15 +238,17 @@ def sentiment_rows(n: int, seed: int = 0) -> list[dict]:
     return out
 
 
-def assert_same_logged_losses(reference: Path, other: Path, steps: int) -> None:
+def assert_same_logged_losses(reference: Path, other: Path, steps: int, prefixes: tuple[str, ...] = ("loss_",)) -> None:
     """The training logs of two runs' ``trainer_state.json`` files hold, at each of steps 1..``steps``,
     the same ``loss`` and ``loss_*`` terms (``loss_<part>`` of distillation, ``loss_<task>`` of
-    multi-task training) to float rounding (rel 1e-4, abs 1e-6)."""
+    multi-task training) to float rounding (rel 1e-4, abs 1e-6).
+
+    ``prefixes``: the logged keys compared besides ``loss`` (e.g. also ``"w_"``: the layer weights)."""
     import pytest
 
     def terms(path: Path) -> dict[int, dict[str, float]]:
         history = json.loads(Path(path).read_text())["log_history"]
-        return {h["step"]: {k: v for k, v in h.items() if k == "loss" or k.startswith("loss_")}
+        return {h["step"]: {k: v for k, v in h.items() if k == "loss" or k.startswith(prefixes)}
                 for h in history if "loss" in h}
 
     a, b = terms(reference), terms(other)

@@ -1,7 +1,8 @@
 """``bert-emd mtl train`` under ``torchrun --nproc_per_node=2`` (DDP, gloo, CPU), with one and with two
-task batches per step: it completes, every rank trains on the same tasks in every step (the trainer's
-per-step DEBUG line, written to a file per rank), and it reaches the weights of one process with
-twice the per-device batch.
+task batches per step, plain and with a ``distillation:`` section (EMD layer mapping; per-task teachers
+of 3 and 4 layers, or one multi-task teacher): it completes, every rank trains on the same tasks in
+every step (the trainer's per-step DEBUG line, written to a file per rank), and it reaches the weights
+of one process with twice the per-device batch.
 
 Why the two runs must agree: the task sampler is seeded by (seed, epoch), so every rank and the
 single process draw the same task sequence and the same global task batches of 2 x 4 = 8 examples
@@ -17,6 +18,25 @@ by design of the per-rank mean (as in any DDP run of ``transformers.Trainer``). 
 would magnify float noise in near-zero gradients. For the same reason the logged task losses
 (``loss_<task>`` of every step, in the last checkpoint's ``trainer_state.json``) must be the single
 process's: the trainer averages the ranks' means, and equal counts make that the mean over both.
+
+Distilling, the same holds term by term. Every cost D[i, j] of a task batch (MSE of projected
+student and teacher hidden states, of attention maps), the embedding MSE and the prediction loss
+(soft cross-entropy and gold loss, over examples or labelled tokens) is a mean over equally many
+elements on each rank, so the mean of the ranks' costs is the single process's cost. Each rank
+all-reduces (averages) its stacked costs before the batched EMD solve, so every rank solves the
+single process's transport problems and gets its plans F; the mean over the ranks of the gradients
+of their losses sum(F * D_rank) is the single process's sum(F * dD); the cost-attention update reads
+the averaged costs, so each
+task's layer weights are the single process's, and *the same on both ranks* (checked exactly: rank 1
+dumps its loss state too). The projections W live in the loss, outside the student's DDP wrapper:
+their gradients are averaged over the ranks by a backward hook, as single-task ``BertEMDLoss`` does;
+without it each rank would step W with its own half-batch gradient and the ranks' W would drift
+apart (and from the single process's). Layer weights are compared at every logged step (``w_*``,
+and ``mix_*``: with ``hierarchy.mode: emd`` the student's layer mixtures are the EMD weights) and
+saved with the model and the checkpoint (``distill_loss.pt``: W and the ``CostAttention`` weights).
+(A plan is a vertex of the transport polytope, piecewise constant in the costs: rounding differences
+between the averaged and the single process's costs could switch it only at a near-tie of two
+vertices, which would show as a failure of these comparisons, not as a silent drift.)
 """
 
 from __future__ import annotations
@@ -39,22 +59,40 @@ yaml = pytest.importorskip("yaml")
 
 from _distill_fixtures import assert_same_logged_losses, free_port  # noqa: E402
 from bert_emd.cli import main  # noqa: E402
+from bert_emd.distill.trainer import LOSS_STATE_NAME  # noqa: E402
 
 WORDS = [f"w{i}" for i in range(30)]
 STEPS = 6
 # the per-step line of MultiTaskTrainer._log_step_tasks
 STEP_LINE = re.compile(r"rank (\d+) of (\d+), step (\d+): (.*)")
-# runs the CLI with the trainer's per-step debug line written to <folder>/tasks.rank<RANK>.log
+# runs the CLI with the trainer's per-step debug line written to <folder>/tasks.rank<RANK>.log; a
+# distillation run also leaves each rank's loss state (projections, layer weights) after training in
+# <folder>/distill_loss.rank<RANK>.pt (only rank 0 saves the model and checkpoints)
 DRIVER = """\
 import logging, os, sys
+import torch
 from bert_emd.cli import main
+from bert_emd.mtl.trainer import MultiTaskDistillationTrainer
 handler = logging.FileHandler(os.path.join(sys.argv[1], "tasks.rank%s.log" % os.environ["RANK"]))
 handler.setFormatter(logging.Formatter("%(message)s"))
 log = logging.getLogger("bert_emd.mtl.trainer")
 log.setLevel(logging.DEBUG)
 log.addHandler(handler)
+train = MultiTaskDistillationTrainer.train
+def train_and_dump(self, *args, **kwargs):
+    result = train(self, *args, **kwargs)
+    path = os.path.join(sys.argv[1], "distill_loss.rank%s.pt" % os.environ["RANK"])
+    torch.save(self.distill_loss.state_dict(), path)
+    return result
+MultiTaskDistillationTrainer.train = train_and_dump
 sys.exit(main(sys.argv[2:]))
 """
+# distillation: (teacher folder, head class, labels, layers, hidden size) per task; the teachers differ
+# in depth (the batched solve pads the 3-layer teacher's problems to 4 columns) and in hidden size
+TEACHERS = {"sent": ("teacher_sent", "BertForSequenceClassification", 2, 3, 48),
+            "tag": ("teacher_tag", "BertForTokenClassification", 3, 4, 32)}
+# or one multi-task teacher of both tasks (folder, layers, hidden size): one projection for both tasks
+MULTITASK_TEACHER = ("teacher_mtl", 3, 48)
 
 
 @pytest.fixture(autouse=True)
@@ -65,18 +103,36 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
+def _bert_config(vocab_size: int, layers: int, hidden: int, **kwargs: float) -> transformers.BertConfig:
+    """A tiny dropout-free BERT configuration (4 heads, as the student: attention maps compare head by head)."""
+    return transformers.BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                                   num_attention_heads=4, intermediate_size=2 * hidden, max_position_embeddings=64,
+                                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **kwargs)
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
-    """A tiny dropout-free encoder with a word-level tokenizer, and two tasks of 32 five-word rows."""
+    """A tiny dropout-free encoder with a word-level tokenizer, tiny teachers (one per task, and one
+    multi-task teacher), and two tasks of 32 five-word rows."""
+    from bert_emd.mtl import MechanismConfig, MultiTaskModel, TaskSpec
+
     root = tmp_path_factory.mktemp("mtl_ddp")
     vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS])}
     tok = transformers.BertTokenizerFast(vocab=vocab)
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                                  attention_probs_dropout_prob=0.0)
-    transformers.BertModel(cfg).save_pretrained(root / "encoder")
+    transformers.BertModel(_bert_config(len(vocab), 2, 32)).save_pretrained(root / "encoder")
     tok.save_pretrained(root / "encoder")
+    # teachers with larger initial weights: peaked attention maps, far from the fresh student's
+    # near-uniform ones (attention costs of ~1e-2, not ~1e-6, so that the attention terms count)
+    for folder, cls, labels, layers, hidden in TEACHERS.values():
+        cfg = _bert_config(len(vocab), layers, hidden, num_labels=labels, initializer_range=0.3)
+        getattr(transformers, cls)(cfg).save_pretrained(root / folder)
+        tok.save_pretrained(root / folder)
+    folder, layers, hidden = MULTITASK_TEACHER
+    specs = [TaskSpec("sent", "single", 2, data={"train": "sent.csv"}),
+             TaskSpec("tag", "tagging", 3, data={"train": "tag.jsonl"})]
+    encoder = transformers.BertModel(_bert_config(len(vocab), layers, hidden, initializer_range=0.3))
+    MultiTaskModel(encoder, specs, MechanismConfig(dropout=0.0)).save_pretrained(root / folder)
     rnd = random.Random(0)
     with open(root / "sent.csv", "w") as f:
         f.write("text,label\n")
@@ -90,11 +146,17 @@ def workspace(tmp_path_factory) -> Path:
     return root
 
 
-def _config(root: Path, out: Path, batch_size: int, tasks_per_step: int) -> Path:
-    """A two-task YAML (sentence classification + tagging, hierarchy and gate, uniform sampler)."""
+def _config(root: Path, out: Path, batch_size: int, tasks_per_step: int, distill: str | None = None) -> Path:
+    """A two-task YAML (sentence classification + tagging, hierarchy and gate, uniform sampler).
+
+    With ``distill`` (``"per_task"``: each task's teacher of :data:`TEACHERS`; ``"multitask"``: the
+    :data:`MULTITASK_TEACHER`): EMD distillation with every term on (attention, hidden, embedding,
+    prediction; beta 1, so that the EMD terms move the weights), teacher annealing (the gold share
+    follows the step), and the student's layer mixtures set to the EMD weights.
+    """
     cfg = {
         "model": {"encoder": str(root / "encoder")},
-        "mechanisms": {"hierarchy": {"mode": "learned"}, "gate": True, "dropout": 0.0},
+        "mechanisms": {"hierarchy": {"mode": "emd" if distill else "learned"}, "gate": True, "dropout": 0.0},
         "sampler": {"kind": "uniform"},
         "training": {"output_dir": str(out), "batch_size": batch_size, "lr": 0.1, "max_length": 16,
                      "logging_steps": 1, "eval_strategy": "no", "save_strategy": "no", "seed": 1, "use_cpu": True,
@@ -106,6 +168,13 @@ def _config(root: Path, out: Path, batch_size: int, tasks_per_step: int) -> Path
              "data": {"train": str(root / "tag.jsonl"), "label_list": ["A", "B", "C"]}},
         ],
     }
+    if distill:
+        cfg["distillation"] = {"beta": 1.0, "normalize": "sum", "teacher_annealing": True}
+        if distill == "multitask":
+            cfg["distillation"]["teacher"] = str(root / MULTITASK_TEACHER[0])
+        else:
+            for task in cfg["tasks"]:
+                task["teacher"] = str(root / TEACHERS[task["name"]][0])
     path = out.parent / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -126,15 +195,20 @@ def _steps(lines: list[str]) -> list[tuple[int, int, int, list[tuple[str, int]]]
     return out
 
 
-@pytest.mark.parametrize("tasks_per_step", [1, 2])
-def test_two_gloo_processes_same_tasks_and_match_one(workspace, tmp_path, caplog, tasks_per_step):
-    """With ``tasks_per_step=2`` a step holds two task batches (one batch of 16 / 8 examples when the
-    sampler draws the same task twice): they run in one forward of the DDP-wrapped model."""
-    from safetensors.torch import load_file
+def _run_one_and_two(workspace: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, tasks_per_step: int,
+                     distill: str | None) -> tuple[Path, Path, Path]:
+    """Train one process with batch 8 and two gloo processes with batch 4 each (same config otherwise,
+    ``distill`` as :func:`_config`),
+    and check that (a) both complete and (b) every rank trained on the single process's tasks, with half
+    of each of its task batches, at every step.
 
+    Returns:
+        (single-process output folder, two-process output folder, the folder of the ranks' logs and,
+        distilling, their final loss states).
+    """
     single = tmp_path / "single"
     with caplog.at_level(logging.DEBUG, logger="bert_emd.mtl.trainer"):
-        assert main(_argv(_config(workspace, single, 8, tasks_per_step))) == 0
+        assert main(_argv(_config(workspace, single, 8, tasks_per_step, distill))) == 0
     one = _steps([r.getMessage() for r in caplog.records if r.name == "bert_emd.mtl.trainer"])
     assert [(rank, world, step) for rank, world, step, _ in one] == [(0, 1, s) for s in range(STEPS)]
 
@@ -147,7 +221,7 @@ def test_two_gloo_processes_same_tasks_and_match_one(workspace, tmp_path, caplog
     env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), str(driver), str(logs),
-           *_argv(_config(workspace, ddp, 4, tasks_per_step)),
+           *_argv(_config(workspace, ddp, 4, tasks_per_step, distill)),
            "--ddp_backend", "gloo"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     # (a) it completes and saves the model and the results
@@ -167,9 +241,14 @@ def test_two_gloo_processes_same_tasks_and_match_one(workspace, tmp_path, caplog
         assert any(len(batches) == 2 for *_, batches in one)
     for lines in ranks:
         assert [batches for *_, batches in lines] == expected
+    return single, ddp, logs
 
-    # (c) the same weights (encoder, heads, gates, layer mixtures) and the same training loss (the
-    # Trainer averages the ranks' losses) as one process with batch 8
+
+def _assert_same_model(workspace: Path, single: Path, ddp: Path) -> None:
+    """The two runs saved the same weights (encoder, heads, gates, layer mixtures) and training loss,
+    and the encoder moved away from its initial weights."""
+    from safetensors.torch import load_file
+
     a, b = load_file(str(single / "model.safetensors")), load_file(str(ddp / "model.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
@@ -177,7 +256,18 @@ def test_two_gloo_processes_same_tasks_and_match_one(workspace, tmp_path, caplog
     start = load_file(str(workspace / "encoder" / "model.safetensors"))
     moved = [k for k in start if not torch.allclose(start[k], a[f"encoder.{k}"])]
     assert len(moved) > len(start) // 2  # the encoder trained (not two copies of the initial weights)
+    res = [json.loads((d / "mtl_results.json").read_text()) for d in (single, ddp)]
     assert res[1]["training_loss"] == pytest.approx(res[0]["training_loss"], rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("tasks_per_step", [1, 2])
+def test_two_gloo_processes_same_tasks_and_match_one(workspace, tmp_path, caplog, tasks_per_step):
+    """With ``tasks_per_step=2`` a step holds two task batches (one batch of 16 / 8 examples when the
+    sampler draws the same task twice): they run in one forward of the DDP-wrapped model."""
+    single, ddp, _ = _run_one_and_two(workspace, tmp_path, caplog, tasks_per_step, distill=None)
+    # (c) the same weights (encoder, heads, gates, layer mixtures) and the same training loss (the
+    # Trainer averages the ranks' losses) as one process with batch 8
+    _assert_same_model(workspace, single, ddp)
     # (d) the same logged task losses at every step (logging_steps 1): each rank's loss_<task> is its
     # mean over its 4 of the task batch's 8 examples (sentence task) or over their 20 of 40 labelled
     # tokens (tagging: five one-token words per row), as many on each rank, so the trainer's mean over
@@ -185,3 +275,61 @@ def test_two_gloo_processes_same_tasks_and_match_one(workspace, tmp_path, caplog
     # means (half the batch) would not be.
     state = f"checkpoint-{STEPS}/trainer_state.json"
     assert_same_logged_losses(single / state, ddp / state, STEPS)
+
+
+@pytest.mark.parametrize("tasks_per_step, teacher", [(1, "per_task"), (2, "per_task"), (2, "multitask")])
+def test_distillation_two_gloo_processes_same_tasks_and_match_one(workspace, tmp_path, caplog, tasks_per_step,
+                                                                   teacher):
+    """Multi-task EMD distillation (see the module docstring): (a) and (b) as without teachers; (c) the
+    same student; (d) the same loss state (projections, per-task layer weights), identical on both ranks
+    and equal to the single process's, in the output folder and the checkpoint; (e) the same logged loss
+    terms and layer weights at every step. With the multi-task teacher both tasks share one projection
+    (and with two task batches per step, both tasks' costs reach its gradient in one backward)."""
+    single, ddp, logs = _run_one_and_two(workspace, tmp_path, caplog, tasks_per_step, distill=teacher)
+    # (c) the student
+    _assert_same_model(workspace, single, ddp)
+
+    # (d) the loss state: every rank holds the same projections and layer weights (the costs are
+    # averaged before the solve, W's gradient in backward: exactly the same numbers on both ranks) ...
+    ranks = [torch.load(logs / f"distill_loss.rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert ranks[0].keys() == ranks[1].keys()
+    for k in ranks[0]:
+        torch.testing.assert_close(ranks[1][k], ranks[0][k], rtol=0, atol=0, msg=k)
+    # ... which rank 0 saved with the model and in the checkpoint, and which are the single process's
+    for folder in (".", f"checkpoint-{STEPS}"):
+        a = torch.load(single / folder / LOSS_STATE_NAME, weights_only=True)
+        b = torch.load(ddp / folder / LOSS_STATE_NAME, weights_only=True)
+        assert a.keys() == b.keys() == ranks[0].keys()
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=2e-6, msg=k)
+            torch.testing.assert_close(b[k], ranks[0][k], rtol=0, atol=0, msg=k)
+    if teacher == "multitask":
+        hidden = {"multitask": MULTITASK_TEACHER[2]}
+        layers = {task: MULTITASK_TEACHER[1] for task in TEACHERS}
+    else:
+        hidden = {task: spec[4] for task, spec in TEACHERS.items()}
+        layers = {task: spec[3] for task, spec in TEACHERS.items()}
+    assert set(a) == {f"projections.{g}.{p}" for g in hidden for p in ("weight", "bias")} | {
+        f"cost_attention.{task}.{who}_weight" for task in TEACHERS for who in ("student", "teacher")}
+    for g, d in hidden.items():
+        assert a[f"projections.{g}.weight"].shape == (d, 32)
+    for task, n in layers.items():
+        w = a[f"cost_attention.{task}.teacher_weight"]
+        # the layer weights trained (not the initial uniform weights)
+        assert w.shape == (n,) and not torch.allclose(w, torch.full((n,), 1 / n, dtype=w.dtype)), (task, w)
+    res = [json.loads((d / "mtl_results.json").read_text()) for d in (single, ddp)]
+    for task in TEACHERS:
+        for who in ("student", "teacher"):
+            assert res[1]["emd_layer_weights"][task][who] == pytest.approx(
+                res[0]["emd_layer_weights"][task][who], rel=1e-4, abs=2e-6)
+
+    # (e) at every step: the task losses, the distillation terms (loss_distill_attention, _hidden,
+    # _embedding, _prediction, _aux, _gold_weight: each rank's sum(F * D_rank) etc., averaged over the
+    # ranks) and the layer weights (w_<task>_<student|teacher>.i, mix_<task>.i)
+    state = f"checkpoint-{STEPS}/trainer_state.json"
+    assert_same_logged_losses(single / state, ddp / state, STEPS, prefixes=("loss_", "w_", "mix_"))
+    logged = [h for h in json.loads((single / state).read_text())["log_history"] if "loss" in h]
+    for term in ("attention", "hidden", "embedding", "prediction", "gold_weight"):
+        assert all(f"loss_distill_{term}" in h for h in logged), term
+    assert all(h["loss_distill_attention"] > 1e-3 for h in logged)  # the attention terms count
+    assert {f"w_tag_teacher.{layers['tag'] - 1}", "mix_tag.1"} <= set(logged[-1])

@@ -23,7 +23,8 @@ Per step, for every task batch k the step carries (task t_k):
 In a distributed run the stacked cost matrices are averaged over ranks before solving, so every
 rank keeps identical layer weights; this requires every rank to process the same tasks in the
 same order in a step, which :class:`~bert_emd.mtl.samplers.MultiTaskBatchSampler` guarantees
-(one task sequence for all ranks, each rank a slice of every task batch).
+(one task sequence for all ranks, each rank a slice of every task batch). The projections'
+gradients are averaged over ranks in backward (the loss is outside the student's DDP wrapper).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..nn.bert_emd_loss import prediction_loss
+from ..nn.bert_emd_loss import _average_grad_over_ranks, prediction_loss
 from ..nn.cost_attention import CostAttention
 from ..nn.layer_emd_loss import _all_reduce_mean
 from ..ops.emd import emd
@@ -95,6 +96,9 @@ class MultiTaskEMDLoss(nn.Module):
         use_attention, use_hidden, use_embedding, use_prediction: switch terms on or off.
         token_mask: average hidden / embedding costs over real tokens only.
         update_weights: apply the cost-attention updates in :meth:`forward`.
+        sync_projection_grads: in distributed runs, average the projections' gradients over the
+            ranks in backward (as :class:`~bert_emd.nn.BertEMDLoss`: the loss is not part of the
+            student's DDP wrapper).
         eps: floor of the layer weights.
         backend: backend of ``layer_costs`` and ``emd`` (a string, or ``{"emd": ..., "layer_costs": ...}``).
     """
@@ -124,6 +128,7 @@ class MultiTaskEMDLoss(nn.Module):
         use_prediction: bool = True,
         token_mask: bool = False,
         update_weights: bool = True,
+        sync_projection_grads: bool = True,
         eps: float = 1e-6,
         backend: str | dict[str, str] = "auto",
     ) -> None:
@@ -164,6 +169,14 @@ class MultiTaskEMDLoss(nn.Module):
             lin = nn.Linear(int(student_hidden_size), d_t)
             nn.init.normal_(lin.weight, std=0.02)
             nn.init.zeros_(lin.bias)
+            if sync_projection_grads:
+                # The projections live in the loss, outside the student's DDP wrapper, so DDP never
+                # averages their gradients: without this hook each rank stepped W with the gradient of
+                # its own share of the batch, the ranks' W drifted apart (and from one process with the
+                # whole batch), and with them the costs, plans, layer weights and the student's
+                # gradients (tests/test_mtl_ddp.py). No-op in one process.
+                for p in lin.parameters():
+                    p.register_hook(_average_grad_over_ranks)
             self.projections[key] = lin
         self.last: dict[str, dict[str, Tensor]] = {}
         self.emd_calls = 0
