@@ -16,11 +16,13 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 __all__ = [
     "count_parameters",
     "encoder_layers",
+    "float32_kwargs",
     "freeze_word_embeddings",
     "load_model",
     "load_tokenizer",
@@ -29,6 +31,25 @@ __all__ = [
 ]
 
 _LAYER_COUNT_ATTRS = ("num_hidden_layers", "n_layers", "num_layers")
+
+
+def float32_kwargs() -> dict[str, Any]:
+    """The keyword of ``from_pretrained`` / ``from_config`` that loads or builds a model in float32
+    (``dtype`` in transformers 5, ``torch_dtype`` in 4.x), whatever dtype its checkpoint or config
+    names.
+
+    Why: transformers 5 loads a checkpoint in the dtype it was saved in, and a config copied from a
+    bfloat16 checkpoint builds a bfloat16 model. Our students and fine-tuned models train next to
+    float32 modules (the distillation projection, the multi-task heads), and ``--bf16`` is autocast
+    over float32 master weights: a bfloat16 checkpoint as teacher, student or encoder silently made
+    ``--bf16`` train (and save) bfloat16 weights, and failed without ``--bf16`` (bfloat16 hidden
+    states into the float32 projection or heads). Loading every model in float32 restores the
+    behaviour of transformers 4, whose default this was.
+    """
+    import transformers
+
+    major = int(transformers.__version__.split(".")[0])
+    return {"dtype": torch.float32} if major >= 5 else {"torch_dtype": torch.float32}
 
 
 def load_tokenizer(path: str | os.PathLike) -> Any:
@@ -49,7 +70,8 @@ def load_model(
     attn_implementation: str | None = None,
     label_list: Sequence[str] | None = None,
 ) -> nn.Module:
-    """A ``*ForSequenceClassification`` model from a local folder (no hub look-up).
+    """A ``*ForSequenceClassification`` model from a local folder (no hub look-up), in float32
+    (see :func:`float32_kwargs`).
 
     A bare encoder checkpoint (e.g. ``BertModel``) gets a freshly initialised classification head
     with ``num_labels`` outputs; a classifier checkpoint keeps its head (``num_labels`` must then
@@ -70,7 +92,7 @@ def load_model(
         raise FileNotFoundError(f"model folder {folder} has no config.json (a local checkpoint folder is expected)")
     cfg = AutoConfig.from_pretrained(folder, local_files_only=True)
     is_classifier = any(a.endswith("ForSequenceClassification") for a in (cfg.architectures or []))
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = float32_kwargs()  # float32 whatever the checkpoint's dtype (see there)
     if num_labels is not None:
         if is_classifier and cfg.num_labels != num_labels:
             raise ValueError(
@@ -165,7 +187,9 @@ def student_from_config(
     attn_implementation: str | None = None,
     **overrides: Any,
 ) -> nn.Module:
-    """A randomly initialised ``*ForSequenceClassification`` student of the teacher's family.
+    """A randomly initialised ``*ForSequenceClassification`` student of the teacher's family, in
+    float32 (a bfloat16 teacher's config would otherwise build a bfloat16 student: see
+    :func:`float32_kwargs`).
 
     The teacher's config is copied (vocabulary, position and type embeddings, labels, problem
     type) and the sizes replaced; anything not given keeps the teacher's value.
@@ -199,7 +223,9 @@ def student_from_config(
         cfg.num_labels = num_labels
     for k, v in overrides.items():
         setattr(cfg, k, v)
-    kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    kwargs = float32_kwargs()  # not the teacher config's dtype (see there)
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
     model = AutoModelForSequenceClassification.from_config(cfg, **kwargs)
     model.train()
     return model

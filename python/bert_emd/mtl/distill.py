@@ -464,6 +464,8 @@ def load_teachers(
                                                                    attn_implementation=attn_implementation))
     from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
+    from ..distill.students import float32_kwargs
+
     loaded: dict[tuple[str, str], nn.Module] = {}
     teachers: dict[str, nn.Module] = {}
     for spec in tasks:
@@ -479,7 +481,9 @@ def load_teachers(
         cls = AutoModelForTokenClassification if spec.is_tagging else AutoModelForSequenceClassification
         key = (path, cls.__name__)
         if key not in loaded:
-            kwargs: dict[str, Any] = {"local_files_only": True}
+            # float32 whatever the checkpoint's dtype (see float32_kwargs): the teachers' hidden
+            # states meet the student's in float32 costs, as in single-task distillation
+            kwargs: dict[str, Any] = {"local_files_only": True, **float32_kwargs()}
             if attn_implementation is not None:
                 kwargs["attn_implementation"] = attn_implementation
             try:

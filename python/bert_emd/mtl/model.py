@@ -297,9 +297,15 @@ class MultiTaskModel(nn.Module):
         """
         if isinstance(task, (list, tuple)):
             # all of a step's task batches in one call: DDP allows one forward of the wrapped
-            # model per backward, and a step (tasks_per_step > 1) holds several task batches
-            return [self.forward(b["task"], **{k: v for k, v in b.items() if k != "task"},
-                                 output_attentions=output_attentions) for b in task]
+            # model per backward, and a step (tasks_per_step > 1) holds several task batches.
+            # The class's forward, not self.forward: with mixed precision accelerate replaces the
+            # instance's forward by one wrapped in a torch.autocast *instance*, which is not
+            # re-entrant (it keeps the state to restore on itself): calling it again from inside
+            # left CPU/GPU autocast switched on after the outer call returned, for the rest of the
+            # process (the loss, backward, evaluation and any later run: --bf16 leaked).
+            forward = type(self).forward
+            return [forward(self, b["task"], **{k: v for k, v in b.items() if k != "task"},
+                            output_attentions=output_attentions) for b in task]
         ti = self.task_index(task)
         name = self.task_names[ti]
         spec = self.specs[name]
@@ -385,6 +391,8 @@ class MultiTaskModel(nn.Module):
         from safetensors.torch import load_file
         from transformers import AutoConfig, AutoModel
 
+        from ..distill.students import float32_kwargs
+
         p = Path(path)
         cfg_file = p / CONFIG_NAME
         if not cfg_file.is_file():
@@ -400,7 +408,8 @@ class MultiTaskModel(nn.Module):
         if attn_implementation is not None:
             kwargs["attn_implementation"] = attn_implementation
         enc_cfg = AutoConfig.from_pretrained(str(p / ENCODER_FOLDER), local_files_only=True, **kwargs)
-        encoder = AutoModel.from_config(enc_cfg, **kwargs)
+        # float32 whatever dtype the saved encoder config names (see float32_kwargs)
+        encoder = AutoModel.from_config(enc_cfg, **kwargs, **float32_kwargs())
         model = cls(encoder, tasks, mech, num_layers=raw.get("num_layers"), hidden_size=raw.get("hidden_size"))
         weights = p / "model.safetensors"
         if not weights.is_file():
@@ -430,7 +439,11 @@ class MultiTaskModel(nn.Module):
         """A new multi-task model on a pretrained encoder from a local folder (no hub look-up)."""
         from transformers import AutoModel
 
-        kwargs: dict[str, Any] = {"local_files_only": True}
+        from ..distill.students import float32_kwargs
+
+        # float32 whatever the checkpoint's dtype: a bfloat16 encoder would train its weights in
+        # bfloat16 under --bf16 and feed bfloat16 states to the float32 heads without it
+        kwargs: dict[str, Any] = {"local_files_only": True, **float32_kwargs()}
         if attn_implementation is not None:
             kwargs["attn_implementation"] = attn_implementation
         try:
