@@ -89,6 +89,43 @@ def test_distill_student_choices_and_modes_on_csv(tmp_path):
     assert json.loads((tmp_path / "path" / "metrics.json").read_text())["mapping"] == "prediction-only"
 
 
+@pytest.mark.parametrize("source", ["probs", "scores"])
+def test_distill_fused_attention_keeps_sdpa_and_matches_the_maps(tmp_path, monkeypatch, source):
+    """--fused-attention: the attention costs come from the hooked queries and keys, so neither
+    model is switched to eager attention nor asked for its maps, and the run logs the attention
+    term of the map-based run (same seed, same batches: only the attention implementation and
+    the cost kernel differ, to float rounding)."""
+    from transformers import PreTrainedModel
+
+    teacher = make_teacher(tmp_path / "teacher", num_labels=2)
+    train = write_table(tmp_path / "train.csv", sentiment_rows(16))
+    calls: list[tuple[bool, str]] = []
+    forward = PreTrainedModel.__call__
+
+    def spy(self, *a, **kw):  # every model call: maps requested? which attention implementation?
+        calls.append((bool(kw.get("output_attentions")), self.config._attn_implementation))
+        return forward(self, *a, **kw)
+
+    monkeypatch.setattr(PreTrainedModel, "__call__", spy)
+    runs = {}
+    for fused in (False, True):
+        out = tmp_path / f"fused{int(fused)}"
+        calls.clear()
+        argv = ["distill", "--teacher", str(teacher), "--train-file", str(train), "--labels", "negative,positive",
+                "--student-layers", "2", "--attention-source", source, "--beta", "1", "--output-dir", str(out),
+                *FAST, "--max_steps", "2", "--logging_steps", "1", "--save_strategy", "no", "--eval_strategy", "no",
+                "--no-plots", *(["--fused-attention"] if fused else [])]
+        assert main(argv) == 0
+        summary = json.loads((out / "metrics.json").read_text())
+        assert summary["fused_attention"] is fused and summary["attention_source"] == source
+        runs[fused] = [h for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]
+        maps = source == "probs" and not fused  # only the map-based probs run needs maps and eager attention
+        assert calls and all(c == (maps, "eager" if maps else "sdpa") for c in calls), calls
+    for a, b in zip(runs[False], runs[True]):
+        assert b["loss_attention"] > 0
+        assert b["loss_attention"] == pytest.approx(a["loss_attention"], rel=1e-4, abs=1e-8)
+
+
 def test_distill_regression_on_sts_b(tmp_path):
     glue = write_glue(tmp_path / "glue", "sts-b", repeat=2)
     teacher = make_teacher(tmp_path / "teacher", num_labels=1, problem_type="regression")

@@ -98,6 +98,10 @@ def _add_loss_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--attention-source", default="probs", choices=["probs", "scores"],
                    help="attention maps compared: post-softmax probs (eager attention) or pre-softmax "
                         "scores (hooks; the original's choice)")
+    g.add_argument("--fused-attention", action="store_true",
+                   help="attention costs from the hooked queries and keys (bert_emd.attention_costs), "
+                        "either source: no attention maps are formed, the models keep their attention "
+                        "implementation (SDPA)")
     g.add_argument("--separate-weights", action="store_true",
                    help="separate layer weights for attention and hidden (default: one shared pair)")
     g.add_argument("--no-attention", action="store_true", help="drop the attention term")
@@ -410,6 +414,7 @@ def build_loss(args: argparse.Namespace, student: Any, teacher: Any, data: Any) 
         share_weights=not args.separate_weights,
         mapping=args.mapping,
         attention_source=args.attention_source,
+        fused_attention=args.fused_attention,
         use_attention=use_attention,
         use_hidden=not (layers_off or args.no_hidden),
         use_embedding=not (layers_off or args.no_embedding),
@@ -429,7 +434,9 @@ def _distill(args: argparse.Namespace, rest: list[str]) -> dict[str, Any]:
 
     t0 = time.time()
     targs, data, tokenizer, tok = _prepare_training("distill", args, rest, args.teacher)
-    needs_maps = args.attention_source == "probs" and not (args.prediction_only or args.no_attention)
+    # post-softmax maps from the models need eager attention; the fused path reads Q and K instead
+    needs_maps = args.attention_source == "probs" and not (
+        args.fused_attention or args.prediction_only or args.no_attention)
     attn = "eager" if needs_maps else None
     teacher = load_model(args.teacher, attn_implementation=attn)
     if teacher.config.num_labels != data.num_labels:
@@ -463,6 +470,8 @@ def _distill(args: argparse.Namespace, rest: list[str]) -> dict[str, Any]:
         "parameters": count_parameters(student),
         "teacher_parameters": count_parameters(teacher),
         "mapping": "prediction-only" if args.prediction_only else args.mapping,
+        "attention_source": args.attention_source,
+        "fused_attention": args.fused_attention,
         "beta": args.beta,
         "train_metrics": train_out.metrics,
         "layer_weights": _weights(loss),

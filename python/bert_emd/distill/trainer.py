@@ -196,8 +196,13 @@ class DistillationTrainer(Trainer):
         self.distill_loss.to(self.args.device)
         # Trainer zeroes only the model's gradients (model.zero_grad()): zero the loss's too.
         self.add_callback(_ZeroLossGrads(self.distill_loss))
+        # only the unfused "probs" loss reads the models' attention maps (output_attentions, eager
+        # attention); "scores" and fused_attention read the hooked queries and keys, so the models
+        # keep SDPA / flash attention and no [B, H, L, L] map is returned
         self._wants_attention_maps = bool(
-            getattr(distill_loss, "use_attention", False) and getattr(distill_loss, "attention_source", "") == "probs"
+            getattr(distill_loss, "use_attention", False)
+            and getattr(distill_loss, "attention_source", "") == "probs"
+            and not getattr(distill_loss, "fused_attention", False)
         )
         if self._wants_attention_maps:
             for who, m in (("student", self.model), ("teacher", self.teacher)):
