@@ -39,7 +39,6 @@ from bert_emd.distill.cli_commands import run_distill  # noqa: E402
 from bert_emd.distill.trainer import TRANSPORT_NAME, DistillationTrainer  # noqa: E402
 from bert_emd.mtl.cli_commands import main as mtl_main  # noqa: E402
 from bert_emd.mtl.trainer import MultiTaskTrainer  # noqa: E402
-from bert_emd.nn import BertEMDLoss  # noqa: E402
 
 # the tiny multi-task workspace (encoder, per-task teachers, data) and config builder of the mtl tests
 workspace = test_mtl_trainer.workspace
@@ -156,18 +155,14 @@ def distill_argv(teacher: Path, train: Path, out: Path, steps: int, *extra: str)
 @pytest.mark.parametrize("source,fused", [("probs", False), ("scores", False), ("scores", True), ("probs", True)])
 def test_distill_bf16(distill_data, tmp_path, monkeypatch, source, fused):
     """``bert-emd distill --bf16`` with each attention source, with the maps (``fused`` False: eager
-    ``output_attentions`` for probs, hooks for scores) and with ``fused_attention`` (costs from the
-    hooked queries and keys). The CLI has no flag for ``fused_attention``: it is switched on in
-    ``BertEMDLoss.from_models``, which the CLI builds its loss with."""
-    if fused:
-        real = BertEMDLoss.from_models.__func__
-        monkeypatch.setattr(BertEMDLoss, "from_models",
-                            classmethod(lambda cls, s, t, **kw: real(cls, s, t, fused_attention=True, **kw)))
+    ``output_attentions`` for probs, hooks for scores) and with ``--fused-attention`` (costs from the
+    hooked queries and keys)."""
     calls = spy_ops(monkeypatch, layer_emd_loss, ("layer_costs", "attention_costs", "emd"))
     linear = spy_linear_dtypes(monkeypatch, DistillationTrainer)
     out = tmp_path / "out"
     run_distill(distill_argv(distill_data["teacher"], distill_data["train"], out, STEPS,
-                             "--student-layers", "2", "--attention-source", source, *BF16))
+                             "--student-layers", "2", "--attention-source", source, *BF16,
+                             *(["--fused-attention"] if fused else [])))
     assert not torch.is_autocast_enabled("cpu")  # autocast ended with the run
 
     # autocast ran around the student and around the teacher
