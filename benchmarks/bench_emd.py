@@ -6,7 +6,9 @@ Per-problem solve time for batches of B problems, uniform weights (the BERT-EMD 
   * pyemd's C++ backend called as the original BERT-EMD code calls it: ``emd_with_flow`` on the
     zero-padded square (M+N) x (M+N) problem built in numpy from a float64 copy of the costs.
 Every provider is first checked against POT on the same problems. Loop-based baselines cost the
-same per problem whatever B is, so they are timed on min(B, 64) problems.
+same per problem whatever B is, so they are timed on min(B, 64) problems. Every timed call takes
+the next problems of a pool of at least 2048 (``POOL``), so that no provider is timed on problems
+its branch predictor has just learnt.
 
 Writes rows to benchmarks/results/emd.csv, a plot benchmarks/results/emd.png and (full runs)
 the table in benchmarks/RESULTS.md between the ``bench_emd`` markers.
@@ -15,6 +17,7 @@ the table in benchmarks/RESULTS.md between the ``bench_emd`` markers.
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from pathlib import Path
 
@@ -26,6 +29,13 @@ import bert_emd  # noqa: E402
 from _common import append_csv, markdown_table, median_time, provenance  # noqa: E402
 
 RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
+POOL = 2048  # distinct problems per (shape, B) that the timed calls cycle through (at least B)
+
+
+def _cycle(items: list):
+    """A function returning the next item of ``items`` on every call, round and round."""
+    it = itertools.cycle(items)
+    return lambda: next(it)
 
 
 def _pot():
@@ -75,9 +85,19 @@ def run(quick: bool, device: str, threads: int | None, update_results: bool, out
     for M, N in shapes:
         a_np, b_np = np.full(M, 1.0 / M), np.full(N, 1.0 / N)
         for B in batches:
-            C = torch.rand(B, M, N, generator=g, dtype=torch.float64)
+            # Every timed call gets problems it has not just solved: a pool of at least POOL problems,
+            # cycled through, because a provider timed on the same few problems again and again has
+            # its branches learnt by the branch predictor (4x12 at B = 64: 0.9 us per problem on
+            # repeated problems, 1.3 us on fresh ones; see RESULTS.md).
+            nb = -(-POOL // B)
+            pool = torch.rand(nb * B, M, N, generator=g, dtype=torch.float64)
+            C = pool[:B]
             Cd = C.to(dev)
             nloop = min(B, 64)
+            next_batch = _cycle([pool[k * B : (k + 1) * B].to(dev) for k in range(nb)])
+            windows = [[np.ascontiguousarray(pool[t].numpy()) for t in range(k, k + nloop)]
+                       for k in range(0, pool.shape[0] - nloop + 1, nloop)]
+            next_window = _cycle(windows)
             # ---- correctness first: every provider against POT on the same problems
             res = bert_emd.emd(Cd)
             check = min(B, 16)
@@ -97,18 +117,18 @@ def run(quick: bool, device: str, threads: int | None, update_results: bool, out
                 assert abs(float(r.cost[0]) - float(res.cost[0])) < 1e-9
             # ---- timings (seconds per problem)
             timings: dict[str, float] = {}
-            timings[f"bert_emd[{dev.type}]"] = median_time(lambda: bert_emd.emd(Cd), repeats=repeats, sync=sync) / B
+            timings[f"bert_emd[{dev.type}]"] = median_time(lambda: bert_emd.emd(next_batch()), repeats=repeats,
+                                                           sync=sync) / B
             if ot is not None:
                 timings["ot.emd2 loop"] = median_time(
-                    lambda: [ot.emd2(a_np, b_np, C[t].numpy()) for t in range(nloop)], repeats=repeats) / nloop
+                    lambda: [ot.emd2(a_np, b_np, c) for c in next_window()], repeats=repeats) / nloop
                 timings["ot.emd loop"] = median_time(
-                    lambda: [ot.emd(a_np, b_np, C[t].numpy()) for t in range(nloop)], repeats=repeats) / nloop
-                Cn = [np.ascontiguousarray(C[t].numpy()) for t in range(nloop)]
+                    lambda: [ot.emd(a_np, b_np, c) for c in next_window()], repeats=repeats) / nloop
                 timings["POT C++ emd_c"] = median_time(
-                    lambda: [emd_c(a_np, b_np, c, 100000, 1) for c in Cn], repeats=repeats) / nloop
+                    lambda: [emd_c(a_np, b_np, c, 100000, 1) for c in next_window()], repeats=repeats) / nloop
             if emd_with_flow is not None:
                 timings["pyemd (original call)"] = median_time(
-                    lambda: [original_pyemd_call(emd_with_flow, C[t], M, N) for t in range(nloop)],
+                    lambda: [original_pyemd_call(emd_with_flow, torch.from_numpy(c), M, N) for c in next_window()],
                     repeats=repeats) / nloop
             base = timings.get("ot.emd2 loop")
             bare = timings.get("POT C++ emd_c")
