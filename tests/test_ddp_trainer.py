@@ -37,7 +37,8 @@ from bert_emd.distill.cli_commands import run_distill  # noqa: E402
 from bert_emd.distill.trainer import LOSS_STATE_NAME  # noqa: E402
 
 
-def _argv(teacher, train, out, batch):
+def _argv(teacher, train, out, batch, *extra):
+    """The distill command line; ``extra`` options come last and so override these (argparse keeps the last)."""
     return [
         "--teacher", str(teacher), "--train-file", str(train), "--labels", "negative,positive",
         "--student-layers", "2", "--beta", "1.0", "--pad-to-max-length", "--max-length", "16",
@@ -45,7 +46,7 @@ def _argv(teacher, train, out, batch):
         "--use_cpu", "True", "--per_device_train_batch_size", str(batch),
         "--train_sampling_strategy", "sequential", "--max_steps", "2", "--optim", "sgd", "--learning_rate", "0.1",
         "--eval_strategy", "no", "--save_strategy", "no", "--disable_tqdm", "True", "--seed", "3",
-        "--dataloader_num_workers", "0", "--logging_steps", "1",
+        "--dataloader_num_workers", "0", "--logging_steps", "1", *extra,
     ]
 
 
@@ -60,6 +61,53 @@ def single_run(tmp_path_factory) -> dict[str, Path]:
     return {"teacher": teacher, "train": train, "single": single}
 
 
+def _torchrun() -> list[str]:
+    """``torchrun --nproc_per_node 2`` (as ``python -m torch.distributed.run``) on a free local port."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+            "--master_port", str(free_port())]
+
+
+def _launch(ref: dict[str, Path], out: Path, launcher: list[str], batch: int = 4, extra: tuple[str, ...] = (),
+            env: dict[str, str] | None = None) -> None:
+    """Run ``launcher -m bert_emd.cli distill`` (gloo, ``batch`` rows per process, then ``extra``) on
+    :func:`single_run`'s teacher and table into ``out``; assert that it succeeded.
+
+    Args:
+        ref: :func:`single_run`'s teacher, training table and reference output folder.
+        out: output folder of the launched run.
+        launcher: the launcher's command line up to (not including) ``-m bert_emd.cli``.
+        batch: ``--per_device_train_batch_size``.
+        extra: more distill options (after the defaults of :func:`_argv`, so they override them).
+        env: extra environment variables for the launcher.
+    """
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p])
+    cmd = [*launcher, "-m", "bert_emd.cli", "distill", *_argv(ref["teacher"], ref["train"], out, batch, *extra),
+           "--ddp_backend", "gloo"]
+    proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def _assert_same_weights(teacher: Path, reference: Path, out: Path) -> None:
+    """The runs saved in ``reference`` and ``out`` reached the same student, projection and layer
+    weights (to float rounding), and the student moved away from its initial weights."""
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(reference / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert a.keys() == b.keys()
+    moved = 0
+    start = make_start(teacher)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=2e-6, msg=k)
+        moved += int(not torch.allclose(a[k], start[k]))
+    assert moved > len(a) // 2  # the students trained (not two copies of the initial weights)
+    la = torch.load(reference / LOSS_STATE_NAME, weights_only=True)
+    lb = torch.load(out / LOSS_STATE_NAME, weights_only=True)
+    for k in la:
+        torch.testing.assert_close(la[k], lb[k], rtol=1e-4, atol=2e-6, msg=k)
+    assert la["layer_weights.teacher_weight"][0].item() != pytest.approx(0.25, abs=1e-6)
+
+
 def _check_two_processes_match_one(
     ref: dict[str, Path], out: Path, launcher: list[str], env: dict[str, str] | None = None
 ) -> None:
@@ -72,29 +120,9 @@ def _check_two_processes_match_one(
         launcher: the launcher's command line up to (not including) ``-m bert_emd.cli``.
         env: extra environment variables for the launcher.
     """
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
-    full_env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p])
-    cmd = [*launcher, "-m", "bert_emd.cli", "distill", *_argv(ref["teacher"], ref["train"], out, 4),
-           "--ddp_backend", "gloo"]
-    proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-
-    from safetensors.torch import load_file
-
+    _launch(ref, out, launcher, env=env)
     single = ref["single"]
-    a, b = load_file(str(single / "model.safetensors")), load_file(str(out / "model.safetensors"))
-    assert a.keys() == b.keys()
-    moved = 0
-    start = make_start(ref["teacher"])
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=2e-6, msg=k)
-        moved += int(not torch.allclose(a[k], start[k]))
-    assert moved > len(a) // 2  # the students trained (not two copies of the initial weights)
-    la = torch.load(single / LOSS_STATE_NAME, weights_only=True)
-    lb = torch.load(out / LOSS_STATE_NAME, weights_only=True)
-    for k in la:
-        torch.testing.assert_close(la[k], lb[k], rtol=1e-4, atol=2e-6, msg=k)
-    assert la["layer_weights.teacher_weight"][0].item() != pytest.approx(0.25, abs=1e-6)
+    _assert_same_weights(ref["teacher"], single, out)
     # two processes with batch 4 made the same two global steps
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 2 and state["train_batch_size"] == 4
@@ -108,9 +136,7 @@ def _check_two_processes_match_one(
 
 
 def test_two_gloo_processes_match_one(single_run, tmp_path):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                "--master_port", str(free_port())]
-    _check_two_processes_match_one(single_run, tmp_path / "ddp", launcher)
+    _check_two_processes_match_one(single_run, tmp_path / "ddp", _torchrun())
 
 
 def test_accelerate_launch_matches_one(single_run, tmp_path):
@@ -129,6 +155,65 @@ def test_accelerate_launch_matches_one(single_run, tmp_path):
     # an empty HF_HOME: a default accelerate config in the user's cache (deepspeed, fp16, ...) would
     # otherwise fill in every setting not given on the command line
     _check_two_processes_match_one(single_run, tmp_path / "accelerate", launcher, {"HF_HOME": str(tmp_path / "hf")})
+
+
+def test_gradient_accumulation_matches_one_process_accumulating(single_run, tmp_path):
+    """2 processes x batch 2 x ``--gradient_accumulation_steps 2`` reach one process with batch 4 x 2
+    accumulation steps -- not one process with batch 8, although both see the same rows per step.
+
+    The layer weights (``CostAttention``) are updated in the loss's forward, with no gradient: once
+    per micro-batch, not once per optimizer step. In the accumulating runs every optimizer step
+    (rows 0-7, then 8-15) is two micro-batches (rows 0-3, then 4-7): the first micro-batch's transport
+    costs move the weights that the second one's plan uses. Two ranks with 2 rows each solve the
+    transport problem of their all-reduced costs, the mean over the same 4 rows as one process with
+    batch 4, so they make the same per-micro-batch updates (accelerate deals rank r the per-device
+    batches r, r+2, ...: micro-batch k of the step is rows 4k..4k+3 on the two ranks together). The
+    gradients also agree: each rank's micro-batch loss (its mean, divided by 2 by the Trainer) is
+    linear in its costs under the shared plan; DDP averages the student's summed gradients over the
+    ranks at the last micro-batch, and the projection's hook averages each micro-batch's gradient
+    (sum of averages = average of sums). One process with batch 8 updates the weights once per
+    step, from all 8 rows: a different trajectory, checked to differ below.
+    """
+    teacher, train = single_run["teacher"], single_run["train"]
+    accumulate = ("--gradient_accumulation_steps", "2")
+    reference = tmp_path / "single_accumulating"
+    run_distill(_argv(teacher, train, reference, 4, *accumulate))
+    out = tmp_path / "ddp_accumulating"
+    _launch(single_run, out, _torchrun(), batch=2, extra=accumulate)
+    _assert_same_weights(teacher, reference, out)
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 2 and state["train_batch_size"] == 2
+    # the logged parts are means over the micro-batches and the ranks: the one process's means
+    assert_same_logged_losses(reference / "trainer_state.json", out / "trainer_state.json", 2)
+    # batch 8 without accumulation (one weight update per step) is another trajectory
+    ours = torch.load(out / LOSS_STATE_NAME, weights_only=True)["layer_weights.teacher_weight"]
+    batch8 = torch.load(single_run["single"] / LOSS_STATE_NAME, weights_only=True)["layer_weights.teacher_weight"]
+    assert not torch.allclose(ours, batch8, rtol=1e-3, atol=1e-5), (ours, batch8)
+
+
+def test_resume_reaches_the_uninterrupted_two_process_run(single_run, tmp_path):
+    """A 2-process run stopped after step 3 of 4 (``--max_steps 3`` with a checkpoint there) and
+    resumed from ``checkpoint-3`` with ``--max_steps 4`` reaches the uninterrupted 2-process run.
+
+    16 rows, 8 per global step: step 3 is the first of epoch 2, so the resume must skip one global
+    batch of the epoch on each rank (accelerate's sharded loader), restore the optimizer and the
+    projection and layer weights (``distill_loss.pt``, written by rank 0, loaded by every rank) and
+    the log history. A constant learning rate: stopping through ``--max_steps`` would otherwise
+    change the schedule of the first 3 steps (a linear decay to 0 at step 3 instead of step 4).
+    """
+    constant = ("--lr_scheduler_type", "constant")
+    full = tmp_path / "full"
+    _launch(single_run, full, _torchrun(), extra=(*constant, "--max_steps", "4"))
+    stopped = tmp_path / "stopped"
+    _launch(single_run, stopped, _torchrun(),
+            extra=(*constant, "--max_steps", "3", "--save_strategy", "steps", "--save_steps", "3"))
+    checkpoint = stopped / "checkpoint-3"
+    assert (checkpoint / LOSS_STATE_NAME).is_file()
+    _launch(single_run, stopped, _torchrun(),
+            extra=(*constant, "--max_steps", "4", "--resume_from_checkpoint", str(checkpoint)))
+    _assert_same_weights(single_run["teacher"], full, stopped)
+    assert json.loads((stopped / "trainer_state.json").read_text())["global_step"] == 4
+    assert_same_logged_losses(full / "trainer_state.json", stopped / "trainer_state.json", 4)
 
 
 def make_start(teacher) -> dict[str, torch.Tensor]:

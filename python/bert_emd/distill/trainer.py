@@ -300,7 +300,11 @@ class DistillationTrainer(Trainer):
                 f"{checkpoint} has no {LOSS_STATE_NAME}: it is not a checkpoint of a distillation run "
                 "(the projection and layer weights could not be restored)"
             )
-        state = torch.load(path, map_location=self.args.device, weights_only=True)
+        # Load onto the CPU: load_state_dict copies into the loss's tensors on whatever device they
+        # are. map_location=self.args.device failed on the ranks of a distributed CPU run, whose
+        # device is an indexed "cpu:N" that torch.load cannot restore storages to ("don't know how to
+        # restore data location ... (tagged with cpu:0)"), so a DDP CPU run could not resume.
+        state = torch.load(path, map_location="cpu", weights_only=True)
         self.distill_loss.load_state_dict(state)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
