@@ -104,6 +104,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``bert-emd``: run one command; in a distributed run (torchrun / accelerate launch) tear the
+    process group down once it has finished on every rank."""
+    code = _main(argv)
+    _end_distributed()
+    return code
+
+
+def _end_distributed() -> None:
+    """Destroy the process group a distributed training command created (after a barrier: every
+    rank is done with its collectives and checkpoints). Left alive, its gloo threads could be torn
+    down at interpreter exit while running ("terminate called without an active exception"), so a
+    rank that had finished its work still died with SIGABRT and the launcher reported a failure.
+    Only on success: after an exception on one rank, a barrier would wait for it forever."""
+    dist = sys.modules.get("torch.distributed")  # a command that never imported torch made no group
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
