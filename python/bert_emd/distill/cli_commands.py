@@ -271,6 +271,19 @@ def _tokenized(args: argparse.Namespace, data: Any, tokenizer: Any) -> Any:
                     limit=limit)
 
 
+def _trainer_kwargs(targs: Any, tok: Any, tokenizer: Any, data: Any) -> dict[str, Any]:
+    """The Trainer arguments finetune and distill share: the splits, collator, tokenizer and the
+    task's metrics; evaluation is switched off when there is no validation split."""
+    from .metrics import compute_metrics_fn
+
+    eval_ds = tok.get("validation")
+    if eval_ds is None and targs.eval_strategy != "no":
+        targs.eval_strategy = "no"
+    return dict(args=targs, train_dataset=tok["train"], eval_dataset=eval_ds,
+                data_collator=_collator(tokenizer, targs), processing_class=tokenizer,
+                compute_metrics=compute_metrics_fn(data.metric_task, data.is_regression))
+
+
 def _collator(tokenizer: Any, targs: Any) -> Any:
     from transformers import DataCollatorWithPadding
 
@@ -327,7 +340,6 @@ def _prepare_training(command: str, args: argparse.Namespace, rest: list[str], t
 def _finetune(args: argparse.Namespace, rest: list[str]) -> dict[str, Any]:
     from transformers import Trainer, set_seed
 
-    from .metrics import compute_metrics_fn
     from .students import count_parameters, load_model
 
     t0 = time.time()
@@ -335,18 +347,7 @@ def _finetune(args: argparse.Namespace, rest: list[str]) -> dict[str, Any]:
     set_seed(targs.seed)
     model = load_model(args.model, num_labels=data.num_labels, problem_type=_problem_type(data),
                        label_list=data.label_list)
-    eval_ds = tok.get("validation")
-    if eval_ds is None and targs.eval_strategy != "no":
-        targs.eval_strategy = "no"
-    trainer = Trainer(
-        model=model,
-        args=targs,
-        train_dataset=tok["train"],
-        eval_dataset=eval_ds,
-        data_collator=_collator(tokenizer, targs),
-        processing_class=tokenizer,
-        compute_metrics=compute_metrics_fn(data.metric_task, data.is_regression),
-    )
+    trainer = Trainer(model=model, **_trainer_kwargs(targs, tok, tokenizer, data))
     train_out = trainer.train(resume_from_checkpoint=targs.resume_from_checkpoint)
     extra = {"command": "finetune", "task": data.name, "parameters": count_parameters(model),
              "train_metrics": train_out.metrics}
@@ -428,7 +429,6 @@ def build_loss(args: argparse.Namespace, student: Any, teacher: Any, data: Any) 
 def _distill(args: argparse.Namespace, rest: list[str]) -> dict[str, Any]:
     from transformers import set_seed
 
-    from .metrics import compute_metrics_fn
     from .students import count_parameters, freeze_word_embeddings, load_model
     from .trainer import DistillationTrainer
 
@@ -448,20 +448,8 @@ def _distill(args: argparse.Namespace, rest: list[str]) -> dict[str, Any]:
     if args.freeze_word_embeddings:
         freeze_word_embeddings(student)
     loss = build_loss(args, student, teacher, data)
-    eval_ds = tok.get("validation")
-    if eval_ds is None and targs.eval_strategy != "no":
-        targs.eval_strategy = "no"
-    trainer = DistillationTrainer(
-        model=student,
-        args=targs,
-        teacher=teacher,
-        distill_loss=loss,
-        train_dataset=tok["train"],
-        eval_dataset=eval_ds,
-        data_collator=_collator(tokenizer, targs),
-        processing_class=tokenizer,
-        compute_metrics=compute_metrics_fn(data.metric_task, data.is_regression),
-    )
+    trainer = DistillationTrainer(model=student, teacher=teacher, distill_loss=loss,
+                                  **_trainer_kwargs(targs, tok, tokenizer, data))
     train_out = trainer.train(resume_from_checkpoint=targs.resume_from_checkpoint)
     extra = {
         "command": "distill",
