@@ -1,7 +1,8 @@
 """``bert-emd mtl {train, evaluate, demo}``: multi-task training (and multi-task distillation)
 from a YAML configuration, evaluation of a saved multi-task model, and the multi-task demo.
 
-    bert-emd mtl train --config tasks.yaml [--output-dir DIR] [--max-steps N] [TrainingArguments ...]
+    bert-emd mtl train --config tasks.yaml [--output-dir DIR] [--max-steps N] [--fused-attention]
+                       [TrainingArguments ...]
     bert-emd mtl evaluate --model DIR [--config tasks.yaml] [--split validation] [--output metrics.json]
     bert-emd mtl demo [--quick] [--output-dir DIR]
 
@@ -40,6 +41,10 @@ def add_subcommands(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=None, help="overrides training.seed")
     p.add_argument("--resume", default=None, help="resume from this checkpoint folder")
     p.add_argument("--progress", action="store_true", help="show the Trainer's progress bars")
+    p.add_argument("--fused-attention", action="store_true",
+                   help="distillation: attention costs from the hooked queries and keys "
+                        "(bert_emd.attention_costs): no attention maps are formed, the student and the "
+                        "teachers keep their attention implementation (SDPA)")
     p = msub.add_parser("evaluate", allow_abbrev=False, help="score a saved multi-task model on each task")
     p.add_argument("--model", required=True, help="folder written by 'bert-emd mtl train'")
     p.add_argument("--config", default=None,
@@ -61,9 +66,12 @@ def dispatch(args: argparse.Namespace, rest: list[str]) -> int:
         raise SystemExit(f"bert-emd mtl {cmd}: unrecognized arguments: {' '.join(rest)}")
     if cmd == "train":
         cfg = load_config(args.config)
+        if args.fused_attention and not cfg.distillation.enabled:
+            raise SystemExit(f"bert-emd mtl train: --fused-attention applies to distillation, and {args.config} "
+                             "has no enabled 'distillation' section")
         res = train_from_config(
             cfg, output_dir=args.output_dir, max_steps=args.max_steps, epochs=args.epochs, seed=args.seed,
-            resume=args.resume, extra=rest, progress=args.progress,
+            resume=args.resume, extra=rest, progress=args.progress, fused_attention=args.fused_attention,
         )
         print(format_table(res["eval"], cfg))
         print(f"model and results: {res['output_dir']}")
@@ -142,14 +150,20 @@ def prepare_data(cfg: MTLConfig, tokenizer: Any) -> tuple[dict[str, Any], dict[s
     return train, dev
 
 
-def build_model(cfg: MTLConfig) -> Any:
-    """The multi-task model on ``model.encoder`` (optionally keeping only ``model.student_layers``)."""
+def _needs_attention_maps(cfg: MTLConfig, fused_attention: bool) -> bool:
+    """Distilling post-softmax maps needs eager attention; the fused path reads Q and K instead."""
+    return cfg.distillation.enabled and cfg.distillation.use_attention and not fused_attention
+
+
+def build_model(cfg: MTLConfig, *, fused_attention: bool = False) -> Any:
+    """The multi-task model on ``model.encoder`` (optionally keeping only ``model.student_layers``);
+    eager attention when distilling attention maps (not with ``fused_attention``)."""
     from .model import MultiTaskModel
 
     if cfg.model.encoder is None:
         raise SystemExit(f"{cfg.source}: model.encoder is required (a local Hugging Face encoder folder)")
     attn = cfg.model.attn_implementation
-    if cfg.distillation.enabled and cfg.distillation.use_attention:
+    if _needs_attention_maps(cfg, fused_attention):
         attn = "eager"  # attention maps for the attention costs
     model = MultiTaskModel.from_encoder(cfg.model.encoder, cfg.tasks, cfg.mechanisms, attn_implementation=attn)
     if cfg.model.student_layers:
@@ -172,6 +186,7 @@ def train_from_config(
     progress: bool = False,
     evaluate: bool = True,
     quiet: bool = False,
+    fused_attention: bool = False,
 ) -> dict[str, Any]:
     """Train (or distil) the configured multi-task model, evaluate every task, save everything.
 
@@ -180,7 +195,9 @@ def train_from_config(
     learned layer weights) and the Trainer's ``trainer_state.json``.
 
     ``progress`` shows the Trainer's progress bars; ``quiet`` drops its printed logs (they stay in
-    ``trainer_state.json``); ``extra`` are further TrainingArguments flags.
+    ``trainer_state.json``); ``extra`` are further TrainingArguments flags. ``fused_attention``
+    (distillation): attention costs from the hooked queries and keys, no attention maps, the
+    models keep their attention implementation (see :class:`~bert_emd.mtl.MultiTaskEMDLoss`).
 
     Returns:
         ``{"output_dir", "eval": {"tasks": {...}, "macro_avg"}, "layer_weights", "train_runtime"}``.
@@ -197,7 +214,7 @@ def train_from_config(
     set_seed(seed)
     tokenizer = _tokenizer(cfg)
     train_sets, eval_sets = prepare_data(cfg, tokenizer)
-    model = build_model(cfg)
+    model = build_model(cfg, fused_attention=fused_attention)
     sizes = {t: len(train_sets[t]) for t in model.task_names}
     n_epochs = tr.epochs if epochs is None else epochs
     total = (max_steps if max_steps is not None else tr.max_steps)
@@ -232,15 +249,15 @@ def train_from_config(
         from .distill import MultiTaskEMDLoss, load_teachers
 
         d = cfg.distillation
-        teachers = load_teachers(cfg.tasks, multitask_teacher=d.teacher,
-                                 attn_implementation="eager" if d.use_attention else None)
-        sizes_t = {t: teachers.sizes(t) for t in model.task_names}
-        loss = MultiTaskEMDLoss(
-            cfg.tasks, model.num_layers, model.hidden_size, {t: v[0] for t, v in sizes_t.items()},
-            {t: v[1] for t, v in sizes_t.items()}, teacher_groups=teachers.groups, beta=d.beta, theta=d.theta,
+        maps = _needs_attention_maps(cfg, fused_attention)
+        teachers = load_teachers(cfg.tasks, multitask_teacher=d.teacher, attn_implementation="eager" if maps else None)
+        # (with fused_attention, from_models hooks the query/key projections of the student and the teachers)
+        loss = MultiTaskEMDLoss.from_models(
+            cfg.tasks, model, teachers, beta=d.beta, theta=d.theta,
             T_emd=d.T_emd, temperature=d.temperature, gold_weight=d.gold_weight,
             teacher_annealing=d.teacher_annealing, normalize=d.normalize, use_attention=d.use_attention,
             use_hidden=d.use_hidden, use_embedding=d.use_embedding, use_prediction=d.use_prediction,
+            fused_attention=fused_attention,
         )
         trainer: Any = MultiTaskDistillationTrainer(model, args, teachers=teachers, distill_loss=loss, **common)
     else:
@@ -261,8 +278,11 @@ def train_from_config(
         res["eval"] = {"tasks": {}, "macro_avg": float("nan")}
     res["layer_weights"] = {t: w.tolist() for t, w in model.layer_weights().items()}
     if loss is not None:
+        loss.detach_models()
         emd_w = loss.task_layer_weights()
         res["emd_layer_weights"] = {t: {k: v.tolist() for k, v in w.items()} for t, w in emd_w.items()}
+        res["attention_source"] = loss.attention_source
+        res["fused_attention"] = loss.fused_attention
     res["mechanisms"] = cfg.mechanisms.enabled
     res["sampler"] = cfg.sampler.kind
     if trainer.args.should_save:

@@ -5,7 +5,10 @@ Per step, for every task batch k the step carries (task t_k):
 
 - hidden costs D^H_k [M, N_t] = MSE(W_g h^S_i, h^T_j) over the M student and N_t teacher
   transformer layers (W_g: one Linear(d_S -> d_T) per teacher, shared by the tasks of a
-  multi-task teacher); attention costs D^A_k [M, N_t] over the attention maps;
+  multi-task teacher); attention costs D^A_k [M, N_t] over the attention maps (post-softmax
+  ``"probs"`` from ``output_attentions``, or pre-softmax ``"scores"`` from query/key hooks), or,
+  with ``fused_attention``, straight from the hooked queries and keys with
+  :func:`bert_emd.attention_costs` (no [B, H, L, L] map, both models may keep SDPA attention);
 - all these transport problems (2 per task batch, or 1 with one feature off) are solved in
   **one** batched :func:`bert_emd.emd` call: the costs are stacked into [K, M, N_max], teachers
   with fewer layers padded with zero-weight columns (a zero-weight column carries no flow, so
@@ -32,15 +35,17 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..distill.hooks import AttentionScoreCapture, additive_mask
 from ..nn.bert_emd_loss import _average_grad_over_ranks, prediction_loss
 from ..nn.cost_attention import CostAttention
 from ..nn.layer_emd_loss import _all_reduce_mean
+from ..ops.attention_costs import attention_costs
 from ..ops.emd import emd
 from ..ops.layer_costs import layer_costs
 from .model import MultiTaskModel, encoder_sizes
@@ -49,6 +54,9 @@ from .tasks import TaskSpec
 __all__ = ["MultiTaskEMDLoss", "TaskDistillInput", "TeacherSet", "distillation_step", "load_teachers"]
 
 FEATURES = ("attention", "hidden")
+QK = tuple[Tensor, Tensor]
+AttentionSource = Literal["probs", "scores"]
+_AUTO = "auto"
 
 
 def _get(outputs: Any, name: str) -> Any:
@@ -64,11 +72,15 @@ class TaskDistillInput:
     Attributes:
         task: the task name.
         student: the student's outputs (``hidden_states`` M + 1 x [B, L, d_S], ``attentions``
-            M x [B, H, L, L] when attention is distilled, ``logits``, optional ``aux_loss`` []).
+            M x [B, H, L, L] when ``"probs"`` maps are distilled, ``logits``, optional
+            ``aux_loss`` []).
         teacher: the teacher's outputs (``hidden_states`` N_t + 1 x [B, L, d_T], ``attentions``,
             ``logits``), computed without gradient.
         labels: gold labels [B] (or [B, L] tags, -100 ignored), or None.
         attention_mask: [B, L] (1 = real token).
+        student_qk, teacher_qk: with ``attention_source="scores"`` or ``fused_attention``, the
+            per-layer (query, key) pairs [B, H, L, d_head] of this batch (M and N_t of them), as
+            :func:`distillation_step` reads them from the hooks of :meth:`MultiTaskEMDLoss.attach`.
     """
 
     task: str
@@ -76,6 +88,8 @@ class TaskDistillInput:
     teacher: Any
     labels: Tensor | None = None
     attention_mask: Tensor | None = None
+    student_qk: Sequence[QK] | None = None
+    teacher_qk: Sequence[QK] | None = None
 
 
 class MultiTaskEMDLoss(nn.Module):
@@ -94,6 +108,16 @@ class MultiTaskEMDLoss(nn.Module):
         teacher_annealing: g = training progress (0 -> 1) instead of ``gold_weight``.
         normalize: cost-attention normalisation (``"sum"``, ``"softmax"``, ``"double_softmax"``).
         use_attention, use_hidden, use_embedding, use_prediction: switch terms on or off.
+        attention_source: ``"probs"`` (the models' post-softmax maps: ``output_attentions`` and
+            eager attention) or ``"scores"`` (pre-softmax, from query/key hooks: :meth:`attach`
+            or :meth:`from_models`), as :class:`~bert_emd.nn.BertEMDLoss`.
+        attention_floor: entries <= floor are zeroed before the attention costs; ``"auto"``:
+            -100 for scores (the original), None for probs.
+        fused_attention: compute the attention costs from the hooked queries and keys with
+            ``bert_emd.attention_costs`` (either source), never materialising a [B, H, L, L] map:
+            no ``output_attentions``, and both models may run SDPA / flash attention. Needs the
+            hooks (:meth:`from_models` or :meth:`attach`); ``"probs"`` are then the softmax
+            before attention dropout, as :class:`~bert_emd.nn.BertEMDLoss`.
         token_mask: average hidden / embedding costs over real tokens only.
         update_weights: apply the cost-attention updates in :meth:`forward`.
         sync_projection_grads: in distributed runs, average the projections' gradients over the
@@ -104,7 +128,6 @@ class MultiTaskEMDLoss(nn.Module):
     """
 
     mapping = "emd"
-    attention_source = "probs"
 
     def __init__(
         self,
@@ -126,6 +149,9 @@ class MultiTaskEMDLoss(nn.Module):
         use_hidden: bool = True,
         use_embedding: bool = True,
         use_prediction: bool = True,
+        attention_source: AttentionSource = "probs",
+        attention_floor: float | None | str = _AUTO,
+        fused_attention: bool = False,
         token_mask: bool = False,
         update_weights: bool = True,
         sync_projection_grads: bool = True,
@@ -133,8 +159,16 @@ class MultiTaskEMDLoss(nn.Module):
         backend: str | dict[str, str] = "auto",
     ) -> None:
         super().__init__()
+        if attention_source not in ("probs", "scores"):
+            raise ValueError(f"attention_source must be 'probs' or 'scores', got {attention_source!r}")
         if not (use_attention or use_hidden or use_embedding or use_prediction):
             raise ValueError("all loss terms are switched off")
+        if attention_floor == _AUTO:
+            attention_floor = -100.0 if attention_source == "scores" else None
+        self.attention_source, self.fused_attention = attention_source, bool(fused_attention)
+        self.attention_floor = attention_floor
+        self._captures: dict[str, AttentionScoreCapture] = {}
+        self._teacher_keys: dict[str, str] = {}
         if not 0 <= gold_weight <= 1:
             raise ValueError(f"gold_weight must be in [0, 1], got {gold_weight}")
         self.specs = {t.name: t for t in tasks}
@@ -181,6 +215,79 @@ class MultiTaskEMDLoss(nn.Module):
         self.last: dict[str, dict[str, Tensor]] = {}
         self.emd_calls = 0
 
+    # ------------------------------------------------------------------ construction / hooks
+    @classmethod
+    def from_models(
+        cls, tasks: Sequence[TaskSpec], student: nn.Module, teachers: TeacherSet, **kwargs: Any
+    ) -> MultiTaskEMDLoss:
+        """Build from the student (a :class:`MultiTaskModel`) and the teachers (layer counts,
+        hidden sizes and teacher groups read from them) and, with ``attention_source="scores"``
+        or ``fused_attention=True``, attach the query/key hooks to both."""
+        plain = getattr(student, "module", student)
+        m, d_s = _sizes(plain)
+        sizes = {t.name: teachers.sizes(t.name) for t in tasks}
+        kwargs.setdefault("teacher_groups", teachers.groups)
+        loss = cls(tasks, m, d_s, {t: v[0] for t, v in sizes.items()}, {t: v[1] for t, v in sizes.items()}, **kwargs)
+        if loss.needs_hooks:
+            loss.attach(student, teachers)
+        return loss
+
+    @property
+    def needs_hooks(self) -> bool:
+        """Whether the attention term reads hooked queries and keys (``"scores"`` or fused)."""
+        return self.use_attention and (self.attention_source == "scores" or self.fused_attention)
+
+    @property
+    def wants_attention_maps(self) -> bool:
+        """Whether the models must return attention maps (``output_attentions``, eager attention):
+        only the unfused ``"probs"`` attention term reads them."""
+        return self.use_attention and self.attention_source == "probs" and not self.fused_attention
+
+    def attach(self, student: nn.Module, teachers: TeacherSet) -> None:
+        """Hook the query/key projections of the student and of every teacher
+        (``attention_source="scores"`` or ``fused_attention=True``)."""
+        self.detach_models()
+        captures = {"student": AttentionScoreCapture(student)}
+        for key, model in teachers.models.items():
+            captures[f"teacher/{key}"] = AttentionScoreCapture(model)
+        self._captures, self._teacher_keys = captures, teachers.groups
+
+    def detach_models(self) -> None:
+        """Remove the query/key hooks, if any."""
+        for cap in self._captures.values():
+            cap.remove()
+        self._captures, self._teacher_keys = {}, {}
+
+    def _hook_error(self) -> RuntimeError:
+        what = "fused_attention=True" if self.fused_attention else "attention_source='scores'"
+        return RuntimeError(
+            f"{what} needs the models hooked: build the loss with MultiTaskEMDLoss.from_models(tasks, student, "
+            "teachers, ...) or call loss.attach(student, teachers)"
+        )
+
+    def student_queries_keys(self, num_batches: int) -> list[list[QK]]:
+        """The hooked student's (query, key) pairs of its last forward, split into the
+        ``num_batches`` task batches it ran (in order, one list of M pairs each)."""
+        cap = self._captures.get("student")
+        if cap is None:
+            raise self._hook_error()
+        qk = cap.queries_keys()
+        if num_batches < 1 or len(qk) % num_batches:
+            raise ValueError(f"the student captured {len(qk)} attention calls, not a multiple of {num_batches} "
+                             "task batches")
+        per = len(qk) // num_batches
+        return [qk[i * per:(i + 1) * per] for i in range(num_batches)]
+
+    def teacher_queries_keys(self, task: str) -> list[QK]:
+        """The (query, key) pairs of the last forward of ``task``'s hooked teacher."""
+        if not self._captures:
+            raise self._hook_error()
+        cap = self._captures.get(f"teacher/{self._teacher_keys.get(task)}")
+        if cap is None:
+            raise KeyError(f"task {task!r}: its teacher is not hooked (hooked teachers serve "
+                           f"{sorted(self._teacher_keys)}); call loss.attach(student, teachers) again")
+        return cap.queries_keys()
+
     # ------------------------------------------------------------------ helpers
     def _backend(self, op: str) -> str:
         return self.backend if isinstance(self.backend, str) else self.backend.get(op, "auto")
@@ -216,9 +323,52 @@ class MultiTaskEMDLoss(nn.Module):
         if att is None or len(att) != expected or any(a is None for a in att):
             raise ValueError(
                 f"task {task!r}: the {who} returned no (or not {expected}) attention maps: call it with "
-                'output_attentions=True and load it with attn_implementation="eager", or set use_attention=False'
+                'output_attentions=True and load it with attn_implementation="eager", use '
+                "fused_attention=True (queries and keys from hooks, any attention implementation), "
+                "or set use_attention=False"
             )
         return att
+
+    def _queries_keys(self, item: TaskDistillInput, who: str, expected: int) -> Sequence[QK]:
+        qk = item.student_qk if who == "student" else item.teacher_qk
+        if qk is None:
+            raise self._hook_error()
+        if len(qk) != expected:
+            raise ValueError(
+                f"task {item.task!r}: the {who} has {len(qk)} attention layers, expected {expected} (one per layer)"
+            )
+        return qk
+
+    def _attention_costs(self, item: TaskDistillInput, m: int, n: int, mask: Tensor | None) -> Tensor:
+        """D^A [M, N_t] of one task batch, from the maps or the hooked queries and keys."""
+        if self.needs_hooks:
+            qk_s = self._queries_keys(item, "student", m)
+            qk_t = [(q.detach(), k.detach()) for q, k in self._queries_keys(item, "teacher", n)]
+            if self.fused_attention:
+                # the shapes of the maps never formed, [B, H, L, L]: heads and lengths must agree
+                (q_s, _), (q_t, _) = qk_s[0], qk_t[0]
+                map_s, map_t = (*q_s.shape[:3], q_s.shape[2]), (*q_t.shape[:3], q_t.shape[2])
+                if map_s != map_t:
+                    self._attention_mismatch(item.task, map_s, map_t)
+                return attention_costs(
+                    list(qk_s), qk_t, mask=mask, attention_mask=item.attention_mask, source=self.attention_source,
+                    attention_floor=self.attention_floor, backend=self._backend("attention_costs"),
+                )
+            a_s, a_t = _scores(qk_s, item.attention_mask), _scores(qk_t, item.attention_mask)
+        else:
+            a_s = list(self._attentions(item.student, "student", item.task, m))
+            a_t = [a.detach() for a in self._attentions(item.teacher, "teacher", item.task, n)]
+        if a_s[0].shape != a_t[0].shape:
+            self._attention_mismatch(item.task, tuple(a_s[0].shape), tuple(a_t[0].shape))
+        return layer_costs(a_s, a_t, mask=mask, attention_floor=self.attention_floor,
+                           backend=self._backend("layer_costs"))
+
+    @staticmethod
+    def _attention_mismatch(task: str, s: tuple, t: tuple) -> None:
+        raise ValueError(
+            f"task {task!r}: student attention {s} and teacher attention {t} differ (BERT-EMD compares head by "
+            "head: equal head counts needed; set use_attention=False otherwise)"
+        )
 
     def _prediction(self, spec: TaskSpec, item: TaskDistillInput, g: float) -> Tensor:
         s, t = _get(item.student, "logits"), _get(item.teacher, "logits")
@@ -291,15 +441,7 @@ class MultiTaskEMDLoss(nn.Module):
                         se = ((e - hs_t[0].float()) ** 2 * w).sum()
                         parts["embedding"] = se / (w.sum() * e.shape[-1]).clamp_min(1.0)
             if self.use_attention:
-                a_s = self._attentions(item.student, "student", item.task, m)
-                a_t = [a.detach() for a in self._attentions(item.teacher, "teacher", item.task, n)]
-                if a_s[0].shape != a_t[0].shape:
-                    raise ValueError(
-                        f"task {item.task!r}: student attention {tuple(a_s[0].shape)} and teacher attention "
-                        f"{tuple(a_t[0].shape)} differ (BERT-EMD compares head by head: equal head counts needed; "
-                        "set use_attention=False otherwise)"
-                    )
-                d = layer_costs(list(a_s), a_t, mask=mask, backend=self._backend("layer_costs"))
+                d = self._attention_costs(item, m, n, mask)
                 problems.append((idx, item.task, "attention", d))
             if self.use_prediction:
                 parts["prediction"] = self._prediction(self.specs[item.task], item, g)
@@ -378,6 +520,17 @@ class MultiTaskEMDLoss(nn.Module):
         for task, ps in props.items():
             ca = self.cost_attention[task]
             ca.finalize(torch.stack([p[0] for p in ps]).mean(0), torch.stack([p[1] for p in ps]).mean(0))
+
+
+def _scores(qk: Sequence[QK], attention_mask: Tensor | None) -> list[Tensor]:
+    """Pre-softmax scores QK^T / sqrt(d_head) + the additive padding mask (-10000), one
+    [B, H, L, L] map per (query, key) pair, as ``AttentionScoreCapture.scores``."""
+    add = None if attention_mask is None else additive_mask(attention_mask)
+    out = []
+    for q, k in qk:
+        s = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
+        out.append(s if add is None else s + add.to(device=s.device, dtype=s.dtype))
+    return out
 
 
 # ----------------------------------------------------------------------------- teachers
@@ -512,6 +665,10 @@ def distillation_step(
     (one batched EMD solve for all of them), then -- with ``hierarchy_mode="emd"`` -- the student's
     layer mixtures set to each task's new EMD student-layer weights.
 
+    With ``attention_source="scores"`` or ``fused_attention`` the loss must be hooked
+    (:meth:`MultiTaskEMDLoss.from_models` / :meth:`~MultiTaskEMDLoss.attach`): each batch's
+    queries and keys go to the loss and no model is asked for attention maps.
+
     Args:
         student: the multi-task student.
         teachers: the teachers (run under ``no_grad``).
@@ -522,17 +679,21 @@ def distillation_step(
     Returns:
         (loss [], parts, the student's outputs per batch).
     """
-    want_att = loss_fn.use_attention
+    want_att = loss_fn.wants_attention_maps  # only the unfused "probs" term reads maps
+    hooked = loss_fn.needs_hooks  # "scores" / fused: queries and keys from the hooks instead
     tasks = [student.task_names[student.task_index(b["task"])] for b in batches]
     feeds = [{k: b[k] for k in ("input_ids", "attention_mask", "token_type_ids") if b.get(k) is not None}
              for b in batches]
     # the student on all task batches in one call: a DDP-wrapped student allows one forward per backward
     outs = list(student([{"task": t, **f} for t, f in zip(tasks, feeds)], output_attentions=want_att))
+    s_qk: Sequence[Sequence[QK] | None] = loss_fn.student_queries_keys(len(outs)) if hooked else [None] * len(outs)
     items = []
-    for task, f, b, s_out in zip(tasks, feeds, batches, outs):
+    for task, f, b, s_out, qk in zip(tasks, feeds, batches, outs, s_qk):
         with torch.no_grad():
             t_out = teachers(task, f, output_attentions=want_att)
-        items.append(TaskDistillInput(task, s_out, t_out, b.get("labels"), b.get("attention_mask")))
+        # read now: the teacher's next call (another task batch) replaces its captures
+        t_qk = loss_fn.teacher_queries_keys(task) if hooked else None
+        items.append(TaskDistillInput(task, s_out, t_out, b.get("labels"), b.get("attention_mask"), qk, t_qk))
     loss, parts = loss_fn(items, progress=progress)
     if student.mechanisms.hierarchy and student.mechanisms.hierarchy_mode == "emd":
         for name in {i.task for i in items}:
