@@ -2,10 +2,10 @@
 
 Workload: a TinyBERT-4-like student (M = 4 layers, H = 12 heads, d_S = 26) against a BERT-base
 teacher (N = 12 layers, H = 12, d_T = 64), batch B, L in {128, 512}, right padding (random lengths
->= L/2), the original's configuration (scores with the -10000 additive mask, attention_floor
--100) and post-softmax probs. Passes: ``fwd`` (D [M, N]) and ``fwd+bwd`` (D, then the gradient
-w.r.t. the student's queries and keys from a dense G [M, N], as the EMD plan gives; the teacher
-is frozen).
+>= L/2; ``--full-length``: every token real, no padding to skip), the original's configuration
+(scores with the -10000 additive mask, attention_floor -100) and post-softmax probs. Passes:
+``fwd`` (D [M, N]) and ``fwd+bwd`` (D, then the gradient w.r.t. the student's queries and keys
+from a dense G [M, N], as the EMD plan gives; the teacher is frozen).
 
 Providers:
   * ``materialise + layer_costs``: what the loss does today -- every layer's [B, H, L, L] map
@@ -46,8 +46,9 @@ BASELINE = "materialise + layer_costs"
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _inputs(B: int, L: int, device: str, dtype=torch.float32, seed: int = 0):
-    """Student / teacher (q, k) pairs [B, H, L, d] and a right-padded [B, L] attention mask."""
+def _inputs(B: int, L: int, device: str, dtype=torch.float32, seed: int = 0, full: bool = False):
+    """Student / teacher (q, k) pairs [B, H, L, d] and a right-padded [B, L] attention mask
+    (all ones with ``full``)."""
     gen = torch.Generator().manual_seed(seed)
 
     def side(n, d):
@@ -56,6 +57,8 @@ def _inputs(B: int, L: int, device: str, dtype=torch.float32, seed: int = 0):
 
     S, T = side(M_LAYERS, D_S), side(N_LAYERS, D_T)
     lengths = torch.randint(L // 2, L + 1, (B,), generator=gen)
+    if full:
+        lengths.fill_(L)
     am = (torch.arange(L)[None, :] < lengths[:, None]).to(device)
     return S, T, am
 
@@ -109,7 +112,8 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def measure(provider: str, B: int, L: int, source: str, passes: str, repeats: int, device: str) -> dict:
+def measure(provider: str, B: int, L: int, source: str, passes: str, repeats: int, device: str,
+            full: bool = False) -> dict:
     """Peak extra memory of one call, then its median time; in the calling process."""
     sync = torch.cuda.synchronize if device.startswith("cuda") else None
     # warm the libraries (BLAS, Triton compile, thread pools) on a tiny problem first
@@ -119,7 +123,7 @@ def measure(provider: str, B: int, L: int, source: str, passes: str, repeats: in
             for t in pair:
                 t.requires_grad_(passes != "fwd" and p is S)
     _provider_fn(provider, S, T, am, source, passes)()
-    S, T, am = _inputs(B, L, device)
+    S, T, am = _inputs(B, L, device, full=full)
     for q, k in S:
         q.requires_grad_(passes != "fwd")
         k.requires_grad_(passes != "fwd")
@@ -152,7 +156,7 @@ def _run_child(args: list[str]) -> dict:
 
 
 def run(quick: bool, device: str, threads: int | None, out_dir: Path | None, batch: int | None = None,
-        sources: tuple[str, ...] | None = None) -> list[dict]:
+        sources: tuple[str, ...] | None = None, full: bool = False) -> list[dict]:
     """Every (source, L, pass, provider): check D against the baseline, time it, measure its
     peak memory; append the rows to the CSV and print them as a table."""
     B = batch or (1 if quick else 4)
@@ -170,9 +174,10 @@ def run(quick: bool, device: str, threads: int | None, out_dir: Path | None, bat
             for pss in passes:
                 ref = None
                 for provider in providers:
-                    spec = [provider, str(B), str(L), source, pss, str(repeats), device, str(threads or 0)]
+                    spec = [provider, str(B), str(L), source, pss, str(repeats), device, str(threads or 0),
+                            str(int(full))]
                     res = _run_child(spec) if device == "cpu" else measure(provider, B, L, source, pss, repeats,
-                                                                           device)
+                                                                           device, full)
                     D = torch.tensor(res["D"], dtype=torch.float64)
                     if ref is None:
                         ref = D
@@ -182,7 +187,8 @@ def run(quick: bool, device: str, threads: int | None, out_dir: Path | None, bat
                     qk_mb = 2 * B * HEADS * L * (M_LAYERS * D_S + N_LAYERS * D_T) * 4 / 2**20
                     maps_mb = (M_LAYERS + N_LAYERS) * B * HEADS * L * L * 4 / 2**20
                     row = {**prov, "device": device, "threads": threads or torch.get_num_threads(), "source": source,
-                           "B": B, "H": HEADS, "L": L, "M": M_LAYERS, "N": N_LAYERS, "d_S": D_S, "d_T": D_T,
+                           "B": B, "H": HEADS, "L": L, "padding": "none" if full else "random",
+                           "M": M_LAYERS, "N": N_LAYERS, "d_S": D_S, "d_T": D_T,
                            "pass": pss, "provider": provider, "time_ms": round(res["time_ms"], 3),
                            "peak_mb": round(res["peak_mb"], 1), "qk_mb": round(qk_mb, 1),
                            "maps_mb": round(maps_mb, 1), "max_rel_err": f"{err:.1e}"}
@@ -198,10 +204,10 @@ def run(quick: bool, device: str, threads: int | None, out_dir: Path | None, bat
 
 def _child(argv: list[str]) -> int:
     """One measurement in a fresh process (clean peak RSS); prints its result as JSON."""
-    provider, B, L, source, pss, repeats, device, threads = argv
+    provider, B, L, source, pss, repeats, device, threads, full = argv
     if int(threads):
         torch.set_num_threads(int(threads))
-    res = measure(provider, int(B), int(L), source, pss, int(repeats), device)
+    res = measure(provider, int(B), int(L), source, pss, int(repeats), device, bool(int(full)))
     print(json.dumps(res))
     return 0
 
@@ -218,13 +224,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="torch CPU threads (default 1, as bench_layer_costs; 0 = torch's default)")
     p.add_argument("--out-dir", type=Path, default=None, help="where the CSV goes")
     p.add_argument("--batch", type=int, default=None, help="batch size B (default 4; 1 with --quick)")
+    p.add_argument("--full-length", action="store_true",
+                   help="every sequence L tokens long (default: random lengths >= L/2, right padded)")
     p.add_argument("--source", choices=("scores", "probs"), action="append", default=None,
                    help="only this source (repeatable; default both, scores with --quick)")
     args = p.parse_args(argv)
     if args.batch is not None and args.batch < 1:
         p.error(f"--batch must be >= 1, got {args.batch}")
     run(args.quick, args.device, args.threads or None, args.out_dir, args.batch,
-        tuple(args.source) if args.source else None)
+        tuple(args.source) if args.source else None, args.full_length)
     return 0
 
 

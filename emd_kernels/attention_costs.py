@@ -45,6 +45,14 @@ Inputs are read through their strides (the per-head views [B, H, L, d] of a proj
 made contiguous). The M + N (+ gradient) layers are passed as a table of ``data_ptr()``s (int64),
 cast to typed pointers in the kernel; the table starts with four float64 constants (bit-cast):
 1/sqrt(d_X), 1/sqrt(d_Y), ``mask_value``, ``attention_floor``.
+
+Live boxes. ``box`` [B, 4] (int32: r0, r1, k0, k1 per sample, from
+``bert_emd.ops.attention_costs``) bounds the query rows and keys that can add anything: outside
+it every entry is provably dead (weight 0, or a padded key whose score the mask pushes below the
+floor / whose probability underflows to exactly 0). Key loops run over k0:k1 only, and a program
+whose rows (dQ, forward) or keys (dK) hold nothing live skips its sweeps (its outputs are zeros),
+so right-padded samples of length c cost c / L of the key sweeps. The log-sum-exp pass keeps every
+row (its lse is exact: the skipped keys add exp(.) = 0).
 """
 
 from __future__ import annotations
@@ -147,6 +155,21 @@ def _program(BLOCK: tl.constexpr, H, L, MX, MX_PAD: tl.constexpr, DX_PAD: tl.con
 
 
 @triton.jit
+def _live_box(box_ptr, b, offs, L, AXIS: tl.constexpr):
+    # (r0, r1, k0, k1) of sample b, and whether ``offs`` (rows if AXIS == 0, keys if 1) holds a
+    # live one: a program without one leaves its sweeps empty
+    r0 = tl.load(box_ptr + b * 4 + 0)
+    r1 = tl.load(box_ptr + b * 4 + 1)
+    k0 = tl.load(box_ptr + b * 4 + 2)
+    k1 = tl.load(box_ptr + b * 4 + 3)
+    if AXIS == 0:
+        hit = tl.sum(((offs >= r0) & (offs < r1)).to(tl.int32), axis=0) > 0
+    else:
+        hit = tl.sum(((offs >= k0) & (offs < k1)).to(tl.int32), axis=0) > 0
+    return r0, r1, k0, k1, hit
+
+
+@triton.jit
 def _layer_tables(tab, MX, NY, ix, xrow, X_DTYPE: tl.constexpr, HAS_OUT: tl.constexpr):
     # the pointer table's X query and key bases [MX_PAD], its Y query and key tables, and (HAS_OUT:
     # the backward's tables) the X outputs after them, dQ or dK; else the query bases stand in
@@ -218,6 +241,7 @@ def _attention_costs_fwd_kernel(
     tab,  # *i64 [4 + 2 MX + 2 NY]: constants, X queries, X keys, Y queries, Y keys
     am_ptr,  # *fp32 [B, L] 1 = real key (HAS_AM): the additive mask
     tm_ptr,  # *fp32 [B, L] 1 = real token (HAS_TM): the mean's token mask
+    box_ptr,  # *i32 [B, 4] live rows r0:r1 and keys k0:k1 per sample
     part_ptr,  # *ACC [B*H, QB, MX, NY] partial sums per query block
     lse_ptr,  # *ACC [MX + NY, B*H, L] row log-sum-exp (PROBS)
     MX, NY, H, L, DX, DY, BH,
@@ -239,6 +263,8 @@ def _attention_costs_fwd_kernel(
     qin = offs_q < L
     ar_k = tl.arange(0, BK).to(tl.int64)
     jy = tl.arange(0, NY_PAD)
+    _r0, _r1, klo, khi, live_rows = _live_box(box_ptr, b, offs_q, L, 0)
+    kend = tl.where(live_rows, khi, klo)  # pass 2 sweeps nothing without a live row
     xq_base, xk_base, yq_tab, yk_tab, _ = _layer_tables(tab, MX, NY, ix, xrow, X_DTYPE, False)
     qx = _load_x_rows(xq_base, xrow, b, h, offs_q, qin, dx, DX, xq_sb, xq_sh, xq_sl, xq_sd, X_DOT)  # read once
     row_ok = _rows_ok(tm_ptr, b, L, offs_q, qin, HAS_TM)
@@ -248,9 +274,9 @@ def _attention_costs_fwd_kernel(
     if PROBS:  # pass 1: online row log-sum-exp of every layer (the header says why a pass)
         m_x = tl.full((MX_PAD, BQ), float("-inf"), dtype=ACC)
         l_x = tl.zeros((MX_PAD, BQ), dtype=ACC)
-        for k0 in range(0, L, BK):
+        for k0 in range(klo, khi, BK):
             offs_k = k0 + ar_k
-            kin = offs_k < L
+            kin = offs_k < khi
             add, _ok = _keys(am_ptr, tm_ptr, b, L, offs_k, kin, mask_value, ACC, HAS_AM, False)
             kxt = _load_kx_t(xk_base, xrow, b, h, dx, offs_k, kin, DX, xk_sb, xk_sh, xk_sl, xk_sd, X_DOT)
             v = tl.dot(qx, kxt, input_precision=PREC, out_dtype=ACC) * sx + add[None, None, :]
@@ -262,9 +288,9 @@ def _attention_costs_fwd_kernel(
         for j in range(NY):
             m_y = tl.full((BQ,), float("-inf"), dtype=ACC)
             l_y = tl.zeros((BQ,), dtype=ACC)
-            for k0 in range(0, L, BK):
+            for k0 in range(klo, khi, BK):
                 offs_k = k0 + ar_k
-                kin = offs_k < L
+                kin = offs_k < khi
                 add, _ok = _keys(am_ptr, tm_ptr, b, L, offs_k, kin, mask_value, ACC, HAS_AM, False)
                 w = _y_scores(yq_tab, yk_tab, j, b, h, offs_q, offs_k, qin, kin, dy, DY,
                               yq_sb, yq_sh, yq_sl, yq_sd, yk_sb, yk_sh, yk_sl, yk_sd, sy, add,
@@ -281,9 +307,9 @@ def _attention_costs_fwd_kernel(
 
     # pass 2: every pair's squared differences, formed directly on the tile
     acc = tl.zeros((MX_PAD, NY_PAD), dtype=ACC)
-    for k0 in range(0, L, BK):
+    for k0 in range(klo, kend, BK):
         offs_k = k0 + ar_k
-        kin = offs_k < L
+        kin = offs_k < kend
         add, col_ok = _keys(am_ptr, tm_ptr, b, L, offs_k, kin, mask_value, ACC, HAS_AM, HAS_TM)
         valid = row_ok[:, None] & col_ok[None, :]
         kxt = _load_kx_t(xk_base, xrow, b, h, dx, offs_k, kin, DX, xk_sb, xk_sh, xk_sl, xk_sd, X_DOT)
@@ -314,6 +340,7 @@ def _attention_costs_fwd_kernel(
 def _attention_costs_bwd_dq_kernel(
     tab,  # *i64 [4 + 3 MX + 2 NY]: constants, X queries, X keys, Y queries, Y keys, dQ_X outputs
     am_ptr, tm_ptr,  # *fp32 [B, L]
+    box_ptr,  # *i32 [B, 4] live rows and keys per sample
     g_ptr,  # *ACC G [B, MX, NY] (g_sb = 0: one G for every sample), any strides
     c_ptr,  # *ACC [B] 2 / n (n of the sample, or of the batch)
     lse_x_ptr, lse_y_ptr,  # *ACC [MX, B*H, L], [NY, B*H, L] (PROBS)
@@ -334,6 +361,8 @@ def _attention_costs_bwd_dq_kernel(
     sx, sy, mask_value, floor = _consts(tab, ACC)
     qin = offs_q < L
     ar_k = tl.arange(0, BK).to(tl.int64)
+    _r0, _r1, klo, khi, live_rows = _live_box(box_ptr, b, offs_q, L, 0)
+    kend = tl.where(live_rows, khi, klo)  # no live row: dQ = 0, nothing to sweep
     xq_base, xk_base, yq_tab, yk_tab, dq_base = _layer_tables(tab, MX, NY, ix, xrow, X_DTYPE, True)
     qx = _load_x_rows(xq_base, xrow, b, h, offs_q, qin, dx, DX, xq_sb, xq_sh, xq_sl, xq_sd, X_DOT)
     row_ok = _rows_ok(tm_ptr, b, L, offs_q, qin, HAS_TM)
@@ -345,9 +374,9 @@ def _attention_costs_bwd_dq_kernel(
     delta = tl.zeros((MX_PAD, BQ), dtype=ACC)
     if PROBS:
         lse_x = tl.load(lse_x_ptr + lse_off, mask=xq_ok, other=0.0)
-        for k0 in range(0, L, BK):
+        for k0 in range(klo, kend, BK):
             offs_k = k0 + ar_k
-            kin = offs_k < L
+            kin = offs_k < kend
             add, col_ok = _keys(am_ptr, tm_ptr, b, L, offs_k, kin, mask_value, ACC, HAS_AM, HAS_TM)
             valid = row_ok[:, None] & col_ok[None, :]
             kxt = _load_kx_t(xk_base, xrow, b, h, dx, offs_k, kin, DX, xk_sb, xk_sh, xk_sl, xk_sd, X_DOT)
@@ -358,9 +387,9 @@ def _attention_costs_bwd_dq_kernel(
             delta += tl.sum(gx * p, axis=2)
         tl.store(delta_ptr + lse_off, delta, mask=xq_ok)
     dq = tl.zeros((MX_PAD, BQ, DX_PAD), dtype=ACC)
-    for k0 in range(0, L, BK):
+    for k0 in range(klo, kend, BK):
         offs_k = k0 + ar_k
-        kin = offs_k < L
+        kin = offs_k < kend
         add, col_ok = _keys(am_ptr, tm_ptr, b, L, offs_k, kin, mask_value, ACC, HAS_AM, HAS_TM)
         valid = row_ok[:, None] & col_ok[None, :]
         kxt = _load_kx_t(xk_base, xrow, b, h, dx, offs_k, kin, DX, xk_sb, xk_sh, xk_sl, xk_sd, X_DOT)
@@ -380,7 +409,9 @@ def _attention_costs_bwd_dq_kernel(
 @triton.jit
 def _attention_costs_bwd_dk_kernel(
     tab,  # *i64 [4 + 3 MX + 2 NY]: constants, X queries, X keys, Y queries, Y keys, dK_X outputs
-    am_ptr, tm_ptr, g_ptr, c_ptr, lse_x_ptr, lse_y_ptr,
+    am_ptr, tm_ptr,
+    box_ptr,  # *i32 [B, 4] live rows and keys per sample
+    g_ptr, c_ptr, lse_x_ptr, lse_y_ptr,
     delta_ptr,  # *ACC [MX, B*H, L] in (PROBS), from the dQ kernel
     MX, NY, H, L, DX, DY, BH, g_sb, g_si, g_sj,
     xq_sb, xq_sh, xq_sl, xq_sd, xk_sb, xk_sh, xk_sl, xk_sd,
@@ -396,7 +427,10 @@ def _attention_costs_bwd_dk_kernel(
     # + 2 BK L M d_X.
     offs_k, bh, b, h, ix, xrow, dx, dy = _program(BK, H, L, MX, MX_PAD, DX_PAD, DY_PAD)
     sx, sy, mask_value, floor = _consts(tab, ACC)
-    kin = offs_k < L
+    kout = offs_k < L  # rows of dK written (zeros for dead keys)
+    rlo, rhi, klo, khi, live_keys = _live_box(box_ptr, b, offs_k, L, 1)
+    kin = kout & (offs_k >= klo) & (offs_k < khi)
+    rend = tl.where(live_keys, rhi, rlo)  # no live key: dK = 0, nothing to sweep
     ar_q = tl.arange(0, BQ).to(tl.int64)
     xq_base, xk_base, yq_tab, yk_tab, dk_base = _layer_tables(tab, MX, NY, ix, xrow, X_DTYPE, True)
     kxt = _load_kx_t(xk_base, xrow, b, h, dx, offs_k, kin, DX, xk_sb, xk_sh, xk_sl, xk_sd, X_DOT)  # read once
@@ -404,9 +438,9 @@ def _attention_costs_bwd_dk_kernel(
     g_row, rs = _g_rows(g_ptr, b, g_sb, g_si, g_sj, ix, xrow, NY, MX_PAD, ACC)
     c = tl.load(c_ptr + b)
     dk = tl.zeros((MX_PAD, BK, DX_PAD), dtype=ACC)
-    for q0 in range(0, L, BQ):
+    for q0 in range(rlo, rend, BQ):
         offs_q = q0 + ar_q
-        qin = offs_q < L
+        qin = offs_q < rend
         row_ok = _rows_ok(tm_ptr, b, L, offs_q, qin, HAS_TM)
         valid = row_ok[:, None] & col_ok[None, :]
         qx = _load_x_rows(xq_base, xrow, b, h, offs_q, qin, dx, DX, xq_sb, xq_sh, xq_sl, xq_sd, X_DOT)
@@ -421,11 +455,12 @@ def _attention_costs_bwd_dk_kernel(
                            floor, Y_DTYPE, Y_DOT, ACC, PREC, PROBS, HAS_FLOOR)
         if PROBS:
             delta = tl.load(delta_ptr + lse_off, mask=xq_ok, other=0.0)
-            ds = p * (gx - delta[:, :, None])
+            # keys outside the box or past L were read as zeros: their p is not the true (0) one
+            ds = tl.where(kin[None, None, :], p * (gx - delta[:, :, None]), 0.0)
         else:
             ds = gx
         dk += tl.dot(tl.permute(ds, (0, 2, 1)).to(X_DTYPE).to(X_DOT), qx, input_precision=PREC, out_dtype=ACC)
-    _store_x_rows(dk_base, dk * sx, b, h, H, L, DX, offs_k, kin, dx, xrow, X_DTYPE)
+    _store_x_rows(dk_base, dk * sx, b, h, H, L, DX, offs_k, kout, dx, xrow, X_DTYPE)
 
 
 # ---------------------------------------------------------------------------------- launchers
@@ -510,13 +545,26 @@ def _dot_dtype(dtype: torch.dtype, device: torch.device):
     return _TL_DTYPE[dtype]
 
 
+def _box(box: torch.Tensor | None, B: int, L: int, device: torch.device) -> torch.Tensor:
+    """The live boxes as int32 [B, 4] on ``device`` (None: every row and key of every sample)."""
+    if box is None:
+        return torch.tensor([0, L, 0, L], dtype=torch.int32, device=device).repeat(B, 1)
+    if tuple(box.shape) != (B, 4):
+        raise ValueError(f"box must be [B, 4] = [{B}, 4] (r0, r1, k0, k1 per sample), got {tuple(box.shape)}")
+    return box.to(device=device, dtype=torch.int32).clamp(0, L).contiguous()
+
+
 def attention_costs_fwd(
     sq: Sequence[torch.Tensor], sk: Sequence[torch.Tensor],
     tq: Sequence[torch.Tensor], tk: Sequence[torch.Tensor],
     attention_mask: torch.Tensor | None, mask: torch.Tensor | None, mask_value: float,
     probs: bool, per_sample: bool, attention_floor: float | None, *, block: int | None = None,
+    box: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(D [M, N] or [B, M, N], lse [M + N, B, H, L] or [0]) for validated inputs.
+
+    ``box`` [B, 4]: each sample's live rows and keys (module docstring); entries outside must add
+    nothing, which the caller guarantees (None: everything is computed).
 
     One launch, then a deterministic torch sum of the [B*H, L/BQ, M, N] partial sums and the
     division by n. float32 results (float64 when an input is float64).
@@ -540,7 +588,7 @@ def attention_costs_fwd(
         am = _float_mask(attention_mask, part)
         tm = _float_mask(mask, part)
         _attention_costs_fwd_kernel[(qb, BH)](
-            tab, am, tm, part, lse if probs else part,
+            tab, am, tm, _box(box, B, L, device), part, lse if probs else part,
             M, N, H, L, DS, DT, BH, *_side_args(sq, sk), *_side_args(tq, tk),
             MX_PAD=m_pad, NY_PAD=n_pad, BQ=bq, BK=bk, DX_PAD=ds_pad, DY_PAD=dt_pad,
             X_DTYPE=_TL_DTYPE[sq[0].dtype], Y_DTYPE=_TL_DTYPE[tq[0].dtype],
@@ -559,6 +607,7 @@ def _bwd_side(
     xq: list[torch.Tensor], xk: list[torch.Tensor], yq: list[torch.Tensor], yk: list[torch.Tensor],
     lse_x: torch.Tensor, lse_y: torch.Tensor, c: torch.Tensor,
     attention_mask, mask, mask_value: float, probs: bool, attention_floor: float | None, block: int | None,
+    box: torch.Tensor | None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """dQ, dK of the X side (contiguous, X's dtype) for G [B|1, MX, NY] read through g_strides."""
     MX, NY = len(xq), len(yq)
@@ -580,6 +629,7 @@ def _bwd_side(
     delta = torch.empty((MX, BH, L) if probs else (1,), dtype=acc, device=device)
     am = _float_mask(attention_mask, c)
     tm = _float_mask(mask, c)
+    bx = _box(box, B, L, device)
     common = dict(
         MX_PAD=m_pad, BQ=bq, BK=bk, DX_PAD=dx_pad, DY_PAD=dy_pad,
         X_DTYPE=_TL_DTYPE[xq[0].dtype], Y_DTYPE=_TL_DTYPE[yq[0].dtype],
@@ -591,9 +641,9 @@ def _bwd_side(
     lx = lse_x if probs else c
     ly = lse_y if probs else c
     tab = _table(consts, xq + xk + yq + yk + dq, device)
-    _attention_costs_bwd_dq_kernel[(triton.cdiv(L, bq), BH)](tab, am, tm, G, c, lx, ly, delta, *sizes, **common)
+    _attention_costs_bwd_dq_kernel[(triton.cdiv(L, bq), BH)](tab, am, tm, bx, G, c, lx, ly, delta, *sizes, **common)
     tab = _table(consts, xq + xk + yq + yk + dk, device)
-    _attention_costs_bwd_dk_kernel[(triton.cdiv(L, bk), BH)](tab, am, tm, G, c, lx, ly, delta, *sizes, **common)
+    _attention_costs_bwd_dk_kernel[(triton.cdiv(L, bk), BH)](tab, am, tm, bx, G, c, lx, ly, delta, *sizes, **common)
     return dq, dk
 
 
@@ -603,7 +653,7 @@ def attention_costs_bwd(
     tq: Sequence[torch.Tensor], tk: Sequence[torch.Tensor],
     lse: torch.Tensor, attention_mask: torch.Tensor | None, mask: torch.Tensor | None,
     mask_value: float, probs: bool, per_sample: bool, attention_floor: float | None,
-    need_student: bool, need_teacher: bool, *, block: int | None = None,
+    need_student: bool, need_teacher: bool, *, block: int | None = None, box: torch.Tensor | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
     """(dQ_S, dK_S, dQ_T, dK_T) from G [M, N] (or [B, M, N]); a side not needed gets [] lists.
 
@@ -624,7 +674,7 @@ def attention_costs_bwd(
     else:
         gs = (0, *G.stride())
     lse_s, lse_t = (lse[:M].reshape(M, B * H, L), lse[M:].reshape(-1, B * H, L)) if probs else (lse, lse)
-    args = (attention_mask, mask, mask_value, probs, attention_floor, block)
+    args = (attention_mask, mask, mask_value, probs, attention_floor, block, box)
     dsq, dsk, dtq, dtk = [], [], [], []
     if need_student:
         dsq, dsk = _bwd_side(G, gs, list(sq), list(sk), list(tq), list(tk), lse_s, lse_t, c, *args)

@@ -317,6 +317,157 @@ def test_cpu_key_mask_layouts(source, rng):
             torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-14)
 
 
+@needs_ext
+@pytest.mark.parametrize("source", ["scores", "probs"])
+def test_cpu_skips_keys_and_rows_that_add_nothing(monkeypatch, source, rng):
+    """Padded keys beyond reach (below the floor / exp underflowing to 0, proven by a norm bound)
+    and rows or keys of weight 0 are never computed by the cpu backend; the costs and gradients
+    stay the reference's, and when the bound cannot be proven (huge activations, a mask value
+    close to the floor) everything is computed as before."""
+    B, H, L = 6, 2, 11
+    am = torch.ones(B, L, dtype=torch.bool)
+    am[0, 7:] = False  # right padding
+    am[1, :3] = False  # left padding
+    am[2, [1, 4, 9]] = False  # holes: the live span stays 0:11
+    am[4, :] = False  # every key padded
+    am[5, 8:] = False
+    tm = am.clone()
+    tm[5, 0] = False  # a token mask dropping one more row and key
+    floor = -100.0 if source == "scores" else None
+    computed = []
+    real_chunks = AC._chunks
+
+    def counting(*a, **k):
+        for c in real_chunks(*a, **k):
+            computed.append((c.b1 - c.b0) * c.entries)
+            yield c
+
+    monkeypatch.setattr(AC, "_chunks", counting)
+    monkeypatch.setattr(AC, "CPU_CHUNK_ELEMENTS", 2000)  # one sample a chunk: its own box
+    full = B * H * L * L
+    for scale, mask_value, token_mask, skips in ((1.0, -10000.0, None, True), (1.0, -10000.0, tm, True),
+                                                 (300.0, -10000.0, None, False), (1.0, -101.0, None, False)):
+        S, T = _side(rng, 2, B, H, L, 4, scale=scale), _side(rng, 3, B, H, L, 8)
+        if source == "probs" and mask_value == -101.0:
+            mask_value = -50.0  # exp(-50) is no underflow: padded keys keep a probability
+        kw = dict(attention_mask=am, mask=token_mask, source=source, attention_floor=floor, per_sample=True,
+                  mask_value=mask_value)
+        boxes = AC._live_boxes(*(list(x) for x in zip(*S)), *(list(x) for x in zip(*T)), am, token_mask,
+                               mask_value, source == "probs", floor, torch.float64)
+        if skips:
+            cols = {0: (0, 7), 1: (3, 11), 2: (0, 11), 3: (0, 11), 5: (0, 8)}
+            cols[4] = (0, 0) if source == "scores" else (0, 11)  # probs of an all-padded row are uniform
+            if token_mask is not None:
+                cols[4] = (0, 0) if source == "scores" else (0, 11)
+                if source == "scores":
+                    cols[5] = (1, 8)
+            rows = {b: (0, L) for b in range(B)}
+            if token_mask is not None:
+                rows = {0: (0, 7), 1: (3, 11), 2: (0, 11), 3: (0, 11), 4: (0, 0), 5: (1, 8)}
+            assert boxes == [(*rows[b], *cols[b]) for b in range(B)]
+        else:
+            assert boxes is None
+        computed.clear()
+        D = attention_costs(S, T, backend="cpu", **kw)
+        assert sum(computed) < full if skips else sum(computed) == full
+        ref = attention_costs(S, T, backend="torch", **kw)
+        torch.testing.assert_close(D, ref, rtol=1e-11, atol=1e-14, equal_nan=True)
+        got = torch.autograd.grad(D.nan_to_num().sum(), _leaves(S, T))
+        want = torch.autograd.grad(ref.nan_to_num().sum(), _leaves(S, T))
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+@needs_ext
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_cpu_scores_backward_by_gram_products(monkeypatch, per_sample, rng):
+    """The cpu backward of scores uses Gram products of Q and K (no tiles) exactly where f is the
+    identity on every live entry (no floor, or scores provably above it) and recomputes the tiles
+    elsewhere; forced either way, both sides' gradients are the reference's, with masks, holes,
+    an all-padded sample and teacher gradients."""
+    B, H, L = 4, 2, 13
+    am = torch.ones(B, L, dtype=torch.bool)
+    am[0, 9:] = False
+    am[1, [2, 6]] = False  # holes: zero rows of K~ inside the box
+    am[3, :] = False
+    tm = am.clone()
+    tm[2, 0] = False
+    used = []
+    real_side = AC._bwd_lowrank_side
+
+    def recording(Gn, X, Y, live, samples, dq, dk):
+        used.extend(samples)
+        return real_side(Gn, X, Y, live, samples, dq, dk)
+
+    monkeypatch.setattr(AC, "_bwd_lowrank_side", recording)
+    monkeypatch.setattr(AC, "CPU_CHUNK_ELEMENTS", 3000)
+    for floor, token_mask, scale, linear in ((None, None, 1.0, True), (-100.0, None, 1.0, True),
+                                             (-100.0, tm, 1.0, True), (None, tm, 1.0, True),
+                                             (0.2, None, 1.0, False), (-100.0, None, 40.0, False)):
+        S, T = _side(rng, 2, B, H, L, 4, scale=scale), _side(rng, 3, B, H, L, 8)
+        kw = dict(attention_mask=am, mask=token_mask, source="scores", attention_floor=floor, per_sample=per_sample)
+        ref = attention_costs(S, T, backend="torch", **kw)
+        G = torch.randn(ref.shape, generator=rng, dtype=torch.float64)
+        want = torch.autograd.grad((ref.nan_to_num() * G).sum(), _leaves(S, T))
+        for pays in (True, False):
+            monkeypatch.setattr(AC, "_lowrank_pays",  # forced, but never for a box without entries
+                                lambda live, b, *a, pays=pays: pays and live.boxes[b][3] > live.boxes[b][2])
+            used.clear()
+            D = attention_costs(S, T, backend="cpu", **kw)
+            got = torch.autograd.grad((D.nan_to_num() * G).sum(), _leaves(S, T))
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
+            # both sides (student and teacher) take every sample with live keys when linear and
+            # forced; the all-padded sample has none once the floor or the token mask removes them
+            with_keys = list(range(B)) if floor is None and token_mask is None else [0, 1, 2]
+            assert sorted(used) == (sorted(with_keys * 2) if pays and linear else [])
+
+
+def test_gram_backward_pays_for_long_rows():
+    """The Gram-product backward is chosen by multiply-adds: TinyBERT-4 against BERT-base at
+    L = 512 (about half the recompute's), not at L = 128; a sample without live rows never."""
+    def live(r, w):
+        return AC._Live(torch.ones(1, 512, dtype=torch.bool), torch.ones(1, 512, dtype=torch.bool), [(0, r, 0, w)])
+
+    assert AC._lowrank_pays(live(512, 512), 0, 4, 12, 26, 64)
+    assert AC._lowrank_pays(live(512, 512), 0, 12, 4, 64, 26)  # the teacher's side
+    assert not AC._lowrank_pays(live(128, 128), 0, 4, 12, 26, 64)
+    assert not AC._lowrank_pays(live(0, 0), 0, 4, 12, 26, 64)
+
+
+def test_triton_kernels_sweep_only_the_live_box(rng):
+    """The Triton kernels get each sample's live box from the op (here right padding: keys 0:20
+    of sample 0, all 40 of sample 1) and sweep nothing outside it: a box cut shorter changes that
+    sample's costs and leaves the gradients of the cut keys exactly 0, the computed box changes
+    nothing."""
+    from emd_kernels.attention_costs import attention_costs_bwd, attention_costs_fwd
+
+    B, H, L = 2, 2, 40
+    S, T = _side(rng, 2, B, H, L, 8, grad=False), _side(rng, 2, B, H, L, 16, grad=False)
+    sq, sk = [q for q, _ in S], [k for _, k in S]
+    tq, tk = [q for q, _ in T], [k for _, k in T]
+    am = torch.ones(B, L, dtype=torch.bool)
+    am[0, 20:] = False
+    for source, floor in (("scores", -100.0), ("probs", None)):
+        probs = source == "probs"
+        box = AC._triton_box(sq, sk, tq, tk, am, None, -10000.0, probs, floor)
+        assert box.tolist() == [[0, L, 0, 20], [0, L, 0, L]]
+        args = (sq, sk, tq, tk, am, None, -10000.0, probs, True, floor)
+        full, lse = attention_costs_fwd(*args, block=16)
+        got, _ = attention_costs_fwd(*args, block=16, box=box)
+        torch.testing.assert_close(got, full, rtol=1e-12, atol=1e-15)
+        cut = box.clone()
+        cut[1, 3] = 10
+        short, _ = attention_costs_fwd(*args, block=16, box=cut)
+        torch.testing.assert_close(short[0], full[0], rtol=1e-12, atol=1e-15)
+        assert (short[1] - full[1]).abs().max() > 1e-3
+        G = torch.randn(B, 2, 2, generator=rng, dtype=torch.float64)
+        dsq, dsk, _, _ = attention_costs_bwd(G, sq, sk, tq, tk, lse, am, None, -10000.0, probs, True, floor,
+                                             True, False, block=16, box=cut)
+        for dk in dsk:
+            assert dk[1, :, 10:].abs().max() == 0 and dk[1, :, :10].abs().max() > 0
+
+
 class _LargestTensor(TorchDispatchMode):
     """Records the largest tensor (elements) any out-of-place op returns while active (in-place
     ops such as the interpreter's copies of kernel arguments allocate nothing)."""

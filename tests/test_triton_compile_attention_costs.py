@@ -37,6 +37,8 @@ SCRIPT = textwrap.dedent(
                 sig[a] = "*i64"
             elif a in ("am_ptr", "tm_ptr"):
                 sig[a] = "*fp32"
+            elif a == "box_ptr":
+                sig[a] = "*i32"
             elif a in ACC_PTRS:
                 sig[a] = "*" + acc
             elif a[:3] in ("xq_", "xk_", "yq_", "yk_") or a.startswith("g_s"):
