@@ -1,6 +1,7 @@
 """Multi-task distillation with ``fused_attention``: the attention costs come from the hooked
 queries and keys (``bert_emd.attention_costs``), equal to the map-based costs, without attention
-maps or eager attention; ``bert-emd mtl train --fused-attention`` end to end; clear errors."""
+maps or eager attention; ``bert-emd mtl train --fused-attention`` (or the YAML's
+``distillation.fused_attention`` / ``attention_source``) end to end; clear errors."""
 
 from __future__ import annotations
 
@@ -187,7 +188,7 @@ def workspace(tmp_path_factory):
     return root
 
 
-def _config(root, out, distillation: bool = True):
+def _config(root, out, distillation: bool = True, **distill_keys):
     data = {"label_list": ["negative", "positive"]}
     cfg = {
         "model": {"encoder": str(root / "encoder")},
@@ -201,7 +202,7 @@ def _config(root, out, distillation: bool = True):
         ],
     }
     if distillation:
-        cfg["distillation"] = {"beta": 1.0, "normalize": "sum"}
+        cfg["distillation"] = {"beta": 1.0, "normalize": "sum", **distill_keys}
     path = root / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -235,3 +236,40 @@ def test_mtl_train_fused_attention_needs_distillation(workspace):
     out = workspace / "run_plain"
     with pytest.raises(SystemExit, match="--fused-attention applies to distillation"):
         main(["mtl", "train", "--config", str(_config(workspace, out, distillation=False)), "--fused-attention"])
+
+
+@pytest.mark.parametrize("keys, fused, source", [({"fused_attention": True}, True, "probs"),
+                                                 ({"attention_source": "scores"}, False, "scores")],
+                         ids=["yaml-fused", "yaml-scores"])
+def test_mtl_train_attention_options_from_yaml(workspace, model_calls, keys, fused, source):
+    """``distillation.fused_attention`` / ``attention_source`` in the YAML (no CLI flag) reach the
+    loss and ``mtl_results.json``; neither asks any model for maps or switches it to eager."""
+    from bert_emd.mtl.cli_commands import train_from_config
+    from bert_emd.mtl.tasks import load_config
+
+    out = workspace / f"run_yaml_{source}_{int(fused)}"
+    cfg = load_config(_config(workspace, out, **keys))
+    assert (cfg.distillation.fused_attention, cfg.distillation.attention_source) == (fused, source)
+    model_calls.clear()
+    train_from_config(cfg, max_steps=2, evaluate=False, quiet=True)
+    res = json.loads((out / "mtl_results.json").read_text())
+    assert res["fused_attention"] is fused and res["attention_source"] == source
+    assert model_calls and all(c == (False, "sdpa") for c in model_calls), model_calls
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    terms = [h["loss_distill_attention"] for h in history if "loss_distill_attention" in h]
+    assert len(terms) == 2 and all(t > 0 for t in terms)
+
+
+def test_attention_maps_requested_only_for_unfused_probs(workspace):
+    """Eager attention maps: only unfused ``"probs"``; the CLI flag (a bool) overrides the YAML."""
+    from bert_emd.mtl.cli_commands import _needs_attention_maps
+    from bert_emd.mtl.tasks import load_config
+
+    def needs(flag, **keys):
+        return _needs_attention_maps(load_config(_config(workspace, workspace / "maps", **keys)), flag)
+
+    assert needs(None) and needs(False, fused_attention=True)
+    assert not needs(True) and not needs(None, fused_attention=True)
+    assert not needs(None, attention_source="scores") and not needs(True, attention_source="scores")
+    assert not needs(None, use_attention=False)
+    assert not _needs_attention_maps(load_config(_config(workspace, workspace / "maps", distillation=False)))

@@ -127,6 +127,15 @@ def test_mechanisms_as_a_list_and_defaults():
          r"tap_layer is set but the 'hierarchy' mechanism is off"),
         ("distillation: {beta: 0.01}\ntasks:\n  - {name: a, type: single, num_labels: 2, data: {train: x}}",
          r"tasks\[0\] \('a'\)\.teacher: distillation needs a teacher"),
+        ("distillation: {teacher: t, attention_source: maps}\ntasks:\n  - {name: a, type: single, num_labels: 2, "
+         "data: {train: x}}", r"tasks\.yaml: distillation\.attention_source: 'probs' or 'scores' is required, "
+                              r"got 'maps'"),
+        ("distillation: {teacher: t, fused_attention: yes please}\ntasks:\n  - {name: a, type: single, "
+         "num_labels: 2, data: {train: x}}",
+         r"tasks\.yaml: distillation\.fused_attention: true or false is required, got 'yes please'"),
+        ("distillation: {teacher: t, fused_atention: true}\ntasks:\n  - {name: a, type: single, num_labels: 2, "
+         "data: {train: x}}",
+         r"distillation: unknown field 'fused_atention' \(did you mean 'fused_attention'\?\)"),
         ("tasks:\n  - name: a\n    type: [single\n", r"tasks\.yaml: line \d+, column \d+: invalid YAML"),
         ("", r"tasks\.yaml: empty file"),
     ],
@@ -150,3 +159,13 @@ def test_example_config_is_valid():
     cfg = load_config(example)
     assert [t.name for t in cfg.tasks] == ["sentiment", "news"]
     assert cfg.mechanisms.enabled == ["hierarchy", "gate"] and cfg.sampler.kind == "temperature"
+
+
+def test_distillation_attention_options(tmp_path):
+    """``distillation.attention_source`` / ``fused_attention``: defaults ("probs", false) and parsed values."""
+    task = "tasks:\n  - {name: a, type: single, num_labels: 2, data: {train: x}}\n"
+    d = load_config(_write(tmp_path, "distillation: {teacher: t}\n" + task)).distillation
+    assert (d.attention_source, d.fused_attention) == ("probs", False)
+    text = "distillation: {teacher: t, attention_source: scores, fused_attention: true}\n" + task
+    d = load_config(_write(tmp_path, text)).distillation
+    assert d.enabled and (d.attention_source, d.fused_attention) == ("scores", True)

@@ -44,7 +44,8 @@ def add_subcommands(sub: Any) -> None:
     p.add_argument("--fused-attention", action="store_true",
                    help="distillation: attention costs from the hooked queries and keys "
                         "(bert_emd.attention_costs): no attention maps are formed, the student and the "
-                        "teachers keep their attention implementation (SDPA)")
+                        "teachers keep their attention implementation (SDPA); overrides "
+                        "distillation.fused_attention: false")
     p = msub.add_parser("evaluate", allow_abbrev=False, help="score a saved multi-task model on each task")
     p.add_argument("--model", required=True, help="folder written by 'bert-emd mtl train'")
     p.add_argument("--config", default=None,
@@ -71,7 +72,7 @@ def dispatch(args: argparse.Namespace, rest: list[str]) -> int:
                              "has no enabled 'distillation' section")
         res = train_from_config(
             cfg, output_dir=args.output_dir, max_steps=args.max_steps, epochs=args.epochs, seed=args.seed,
-            resume=args.resume, extra=rest, progress=args.progress, fused_attention=args.fused_attention,
+            resume=args.resume, extra=rest, progress=args.progress, fused_attention=args.fused_attention or None,
         )
         print(format_table(res["eval"], cfg))
         print(f"model and results: {res['output_dir']}")
@@ -150,14 +151,22 @@ def prepare_data(cfg: MTLConfig, tokenizer: Any) -> tuple[dict[str, Any], dict[s
     return train, dev
 
 
-def _needs_attention_maps(cfg: MTLConfig, fused_attention: bool) -> bool:
-    """Distilling post-softmax maps needs eager attention; the fused path reads Q and K instead."""
-    return cfg.distillation.enabled and cfg.distillation.use_attention and not fused_attention
+def _fused(cfg: MTLConfig, fused_attention: bool | None) -> bool:
+    """``fused_attention`` if given (the CLI flag), else ``distillation.fused_attention``."""
+    return cfg.distillation.fused_attention if fused_attention is None else bool(fused_attention)
 
 
-def build_model(cfg: MTLConfig, *, fused_attention: bool = False) -> Any:
+def _needs_attention_maps(cfg: MTLConfig, fused_attention: bool | None = None) -> bool:
+    """Only the unfused ``"probs"`` attention term reads maps (eager attention); ``"scores"`` and
+    the fused path read the hooked queries and keys instead."""
+    d = cfg.distillation
+    return d.enabled and d.use_attention and d.attention_source == "probs" and not _fused(cfg, fused_attention)
+
+
+def build_model(cfg: MTLConfig, *, fused_attention: bool | None = None) -> Any:
     """The multi-task model on ``model.encoder`` (optionally keeping only ``model.student_layers``);
-    eager attention when distilling attention maps (not with ``fused_attention``)."""
+    eager attention when distilling attention maps (unfused ``"probs"`` only; ``fused_attention``:
+    None reads ``distillation.fused_attention``)."""
     from .model import MultiTaskModel
 
     if cfg.model.encoder is None:
@@ -186,7 +195,7 @@ def train_from_config(
     progress: bool = False,
     evaluate: bool = True,
     quiet: bool = False,
-    fused_attention: bool = False,
+    fused_attention: bool | None = None,
 ) -> dict[str, Any]:
     """Train (or distil) the configured multi-task model, evaluate every task, save everything.
 
@@ -196,8 +205,10 @@ def train_from_config(
 
     ``progress`` shows the Trainer's progress bars; ``quiet`` drops its printed logs (they stay in
     ``trainer_state.json``); ``extra`` are further TrainingArguments flags. ``fused_attention``
-    (distillation): attention costs from the hooked queries and keys, no attention maps, the
-    models keep their attention implementation (see :class:`~bert_emd.mtl.MultiTaskEMDLoss`).
+    (distillation; None: ``distillation.fused_attention``, a bool overrides it): attention costs
+    from the hooked queries and keys, no attention maps, the models keep their attention
+    implementation (see :class:`~bert_emd.mtl.MultiTaskEMDLoss`); ``distillation.attention_source``
+    picks ``"probs"`` or ``"scores"``.
 
     Returns:
         ``{"output_dir", "eval": {"tasks": {...}, "macro_avg"}, "layer_weights", "train_runtime"}``.
@@ -214,6 +225,7 @@ def train_from_config(
     set_seed(seed)
     tokenizer = _tokenizer(cfg)
     train_sets, eval_sets = prepare_data(cfg, tokenizer)
+    fused_attention = _fused(cfg, fused_attention)
     model = build_model(cfg, fused_attention=fused_attention)
     sizes = {t: len(train_sets[t]) for t in model.task_names}
     n_epochs = tr.epochs if epochs is None else epochs
@@ -251,13 +263,14 @@ def train_from_config(
         d = cfg.distillation
         maps = _needs_attention_maps(cfg, fused_attention)
         teachers = load_teachers(cfg.tasks, multitask_teacher=d.teacher, attn_implementation="eager" if maps else None)
-        # (with fused_attention, from_models hooks the query/key projections of the student and the teachers)
+        # (with "scores" or fused_attention, from_models hooks the query/key projections of the student and the
+        # teachers)
         loss = MultiTaskEMDLoss.from_models(
             cfg.tasks, model, teachers, beta=d.beta, theta=d.theta,
             T_emd=d.T_emd, temperature=d.temperature, gold_weight=d.gold_weight,
             teacher_annealing=d.teacher_annealing, normalize=d.normalize, use_attention=d.use_attention,
             use_hidden=d.use_hidden, use_embedding=d.use_embedding, use_prediction=d.use_prediction,
-            fused_attention=fused_attention,
+            attention_source=d.attention_source, fused_attention=fused_attention,
         )
         trainer: Any = MultiTaskDistillationTrainer(model, args, teachers=teachers, distill_loss=loss, **common)
     else:

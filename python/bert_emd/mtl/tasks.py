@@ -29,7 +29,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 __all__ = [
     "ConfigError",
@@ -499,7 +499,10 @@ class DistillOptions:
     ``teacher``: one multi-task teacher (a folder saved by ``bert-emd mtl train``); otherwise
     every task names its own ``teacher``. ``gold_weight``: weight of the gold-label loss in the
     prediction term (the soft term gets 1 - gold_weight); ``teacher_annealing`` raises it
-    linearly from 0 to 1 over training instead (Clark et al., 2019).
+    linearly from 0 to 1 over training instead (Clark et al., 2019). ``attention_source``:
+    ``"probs"`` (post-softmax maps) or ``"scores"`` (pre-softmax, from query/key hooks);
+    ``fused_attention``: attention costs from the hooked queries and keys, no attention maps
+    (``bert-emd mtl train --fused-attention`` also switches it on).
     """
 
     enabled: bool = False
@@ -515,12 +518,20 @@ class DistillOptions:
     use_hidden: bool = True
     use_embedding: bool = True
     use_prediction: bool = True
+    attention_source: Literal["probs", "scores"] = "probs"
+    fused_attention: bool = False
 
     def __post_init__(self) -> None:
         if self.normalize not in ("sum", "softmax", "double_softmax"):
             raise ConfigError(
                 f"distillation.normalize: 'sum', 'softmax' or 'double_softmax' is required, got {self.normalize!r}"
             )
+        if self.attention_source not in ("probs", "scores"):
+            raise ConfigError(
+                f"distillation.attention_source: 'probs' or 'scores' is required, got {self.attention_source!r}"
+            )
+        if not isinstance(self.fused_attention, bool):
+            raise ConfigError(f"distillation.fused_attention: true or false is required, got {self.fused_attention!r}")
         if not 0 <= self.gold_weight <= 1:
             raise ConfigError(f"distillation.gold_weight: a number in [0, 1] is required, got {self.gold_weight!r}")
         for name in ("beta", "theta", "T_emd", "temperature"):
