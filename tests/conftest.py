@@ -38,3 +38,13 @@ def rng() -> torch.Generator:
     print(f"BERT_EMD_TEST_SEED={seed}")
     g = torch.Generator().manual_seed(seed)
     return g
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (tiny models on a shared machine: threads only add
+    contention); modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -42,7 +42,7 @@ from bert_emd.mtl.trainer import MultiTaskTrainer  # noqa: E402
 
 # the tiny multi-task workspace (encoder, per-task teachers, data) and config builder of the mtl tests
 workspace = test_mtl_trainer.workspace
-_one_thread = test_mtl_trainer._one_thread  # autouse: tiny models, one thread
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models, one thread
 _config = test_mtl_trainer._config
 
 BF16 = ["--use_cpu", "True", "--bf16", "True"]

@@ -94,13 +94,7 @@ TEACHERS = {"sent": ("teacher_sent", "BertForSequenceClassification", 2, 3, 48),
 # or one multi-task teacher of both tasks (folder, layers, hidden size): one projection for both tasks
 MULTITASK_TEACHER = ("teacher_mtl", 3, 48)
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each of the two processes (OMP_NUM_THREADS=1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _bert_config(vocab_size: int, layers: int, hidden: int, **kwargs: float) -> transformers.BertConfig:
@@ -195,6 +189,17 @@ def _steps(lines: list[str]) -> list[tuple[int, int, int, list[tuple[str, int]]]
     return out
 
 
+def torchrun_two(driver: Path, args: list[str]) -> None:
+    """Run ``driver args --ddp_backend gloo`` in two processes under ``torchrun`` (single threaded,
+    offline) and assert that it succeeded. ``args``: the driver's own arguments, then the CLI's."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(driver), *args, "--ddp_backend", "gloo"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
 def _run_one_and_two(workspace: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, tasks_per_step: int,
                      distill: str | None) -> tuple[Path, Path, Path]:
     """Train one process with batch 8 and two gloo processes with batch 4 each (same config otherwise,
@@ -217,15 +222,8 @@ def _run_one_and_two(workspace: Path, tmp_path: Path, caplog: pytest.LogCaptureF
     logs.mkdir()
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(driver), str(logs),
-           *_argv(_config(workspace, ddp, 4, tasks_per_step, distill)),
-           "--ddp_backend", "gloo"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     # (a) it completes and saves the model and the results
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    torchrun_two(driver, [str(logs), *_argv(_config(workspace, ddp, 4, tasks_per_step, distill))])
     res = [json.loads((d / "mtl_results.json").read_text()) for d in (single, ddp)]
     assert res[0]["global_step"] == res[1]["global_step"] == STEPS
 

@@ -17,12 +17,7 @@ from bert_emd.mtl.demo import BBC_TOPICS, prepare_bbc, results_table, run_mtl_de
 WORDS = ["good", "bad", "ok", "market", "film", "vote", "goal", "chip", "the", "a", "is", "new"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

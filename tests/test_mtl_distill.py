@@ -25,12 +25,7 @@ transformers = pytest.importorskip("transformers")
 VOCAB, L, B, D = 50, 10, 16, 32
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared machine: threads only add contention
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def bert(layers: int, seed: int, num_labels: int | None = None):

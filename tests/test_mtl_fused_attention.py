@@ -31,12 +31,7 @@ from transformers import PreTrainedModel  # noqa: E402
 VOCAB, L, B, D = 50, 10, 8, 32
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared machine: threads only add contention
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -53,13 +53,8 @@ def synthetic_batch(task: TaskSpec, g: torch.Generator) -> dict:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models on a shared 2-core machine: intra-op threads only add contention (50x slower)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny models on a shared 2-core machine: intra-op threads only add contention (50x slower)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def train(model: MultiTaskModel, steps: int, seed: int, lr: float = 3e-3) -> tuple[list[float], list[float]]:

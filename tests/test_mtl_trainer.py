@@ -17,12 +17,7 @@ from bert_emd.mtl.model import MultiTaskModel  # noqa: E402
 WORDS = [f"w{i}" for i in range(30)]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared machine: threads only add contention
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _bert_cfg(layers: int, **kw):

@@ -409,6 +409,12 @@ class _MultiTaskMixin:
             wrapper.process_index = 0
             wrapper.batch_size = None
             wrapper.split_batches = False
+            # ... and it passes the epoch on. Resuming mid-epoch, the Trainer wraps the loader's
+            # batch sampler (this wrapper) in accelerate's SkipBatchSampler and calls set_epoch on the
+            # sampler that that wraps: this wrapper, which has none, so the fresh sampler of the
+            # resumed run stayed at epoch 0 and replayed the first epoch's tasks and batches (in
+            # distributed runs only: one process has no wrapper, the Trainer reaches our sampler)
+            wrapper.set_epoch = bs.set_epoch
         return prepared
 
     def _progress(self) -> float:
