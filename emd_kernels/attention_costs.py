@@ -547,8 +547,10 @@ def _dot_dtype(dtype: torch.dtype, device: torch.device):
 
 def _box(box: torch.Tensor | None, B: int, L: int, device: torch.device) -> torch.Tensor:
     """The live boxes as int32 [B, 4] on ``device`` (None: every row and key of every sample)."""
-    if box is None:
-        return torch.tensor([0, L, 0, L], dtype=torch.int32, device=device).repeat(B, 1)
+    if box is None:  # filled on the device: no host-to-device copy per call
+        full = torch.zeros((B, 4), dtype=torch.int32, device=device)
+        full[:, 1::2] = L
+        return full
     if tuple(box.shape) != (B, 4):
         raise ValueError(f"box must be [B, 4] = [{B}, 4] (r0, r1, k0, k1 per sample), got {tuple(box.shape)}")
     return box.to(device=device, dtype=torch.int32).clamp(0, L).contiguous()
