@@ -62,8 +62,15 @@ from collections.abc import Sequence
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 __all__ = ["attention_costs_fwd", "attention_costs_bwd", "block_sizes"]
+
+# At most this many X layers per launch (None: all at once). The 3-D X tiles live in shared
+# memory and registers, so a launch the GPU cannot hold (OutOfResources: e.g. 8+ fp64 layers, or
+# head size 128 on an A100) is retried with the X layers in two halves, recursively: every X
+# layer's costs and gradients are independent of the others', so the split is exact.
+MAX_X_LAYERS: int | None = None
 
 _TL_DTYPE = {
     torch.float32: tl.float32,
@@ -556,6 +563,29 @@ def _box(box: torch.Tensor | None, B: int, L: int, device: torch.device) -> torc
     return box.to(device=device, dtype=torch.int32).clamp(0, L).contiguous()
 
 
+def _split(n: int, most: int | None) -> list[tuple[int, int]]:
+    """Consecutive groups [i0, i1) of at most ``most`` of n layers (one group if None)."""
+    most = n if most is None else max(1, most)
+    return [(i, min(n, i + most)) for i in range(0, n, most)] or [(0, 0)]
+
+
+def _halving(run, n: int, what: str):
+    """``run(i0, i1)`` for the X layers i0:i1, retried on halves when the GPU lacks the resources
+    for that many layers in one launch; returns the list of the runs' results in layer order."""
+    def go(i0: int, i1: int) -> list:
+        try:
+            return [run(i0, i1)]
+        except OutOfResources as e:
+            if i1 - i0 <= 1:
+                raise RuntimeError(
+                    f"attention_costs: the Triton {what} kernel does not fit this GPU even for one layer ({e}); "
+                    "use backend='torch' or smaller head sizes / a narrower dtype") from e
+            mid = (i0 + i1) // 2
+            return go(i0, mid) + go(mid, i1)
+
+    return [r for i0, i1 in _split(n, MAX_X_LAYERS) for r in go(i0, i1)]
+
+
 def attention_costs_fwd(
     sq: Sequence[torch.Tensor], sk: Sequence[torch.Tensor],
     tq: Sequence[torch.Tensor], tk: Sequence[torch.Tensor],
@@ -568,15 +598,35 @@ def attention_costs_fwd(
     ``box`` [B, 4]: each sample's live rows and keys (module docstring); entries outside must add
     nothing, which the caller guarantees (None: everything is computed).
 
-    One launch, then a deterministic torch sum of the [B*H, L/BQ, M, N] partial sums and the
-    division by n. float32 results (float64 when an input is float64).
+    One launch per group of student layers (one group unless the GPU needs smaller ones:
+    ``MAX_X_LAYERS``), then a deterministic torch sum of the [B*H, L/BQ, M, N] partial sums and
+    the division by n. float32 results (float64 when an input is float64).
     """
+    M = len(sq)
+    B, H, L, _ = sq[0].shape
+    device = sq[0].device
+    acc = _acc_dtype(sq, tq)
+    sq, sk, tq, tk = _uniform(sq), _uniform(sk), _uniform(tq), _uniform(tk)
+    bx = _box(box, B, L, device)
+
+    def run(i0: int, i1: int):
+        return _fwd_launch(sq[i0:i1], sk[i0:i1], tq, tk, attention_mask, mask, mask_value, probs, attention_floor,
+                           block, bx, acc)
+
+    parts = _halving(run, M, "forward")
+    sums = torch.cat([p[0] for p in parts], dim=1)  # [B, M, N]
+    lse = torch.cat([p[1] for p in parts] + [parts[0][2]]) if probs else sums.new_empty((0,))
+    n = _counts(mask, B, H, L, acc, device)
+    cost = sums / n[:, None, None] if per_sample else sums.sum(0) / n.sum()
+    return cost, lse
+
+
+def _fwd_launch(sq, sk, tq, tk, attention_mask, mask, mask_value, probs, attention_floor, block, bx, acc):
+    """One forward launch for the X layers sq/sk: (sums [B, MX, N], lse_X [MX, B, H, L], lse_Y)."""
     M, N = len(sq), len(tq)
     B, H, L, DS = sq[0].shape
     DT = tq[0].shape[-1]
     device = sq[0].device
-    acc = _acc_dtype(sq, tq)
-    sq, sk, tq, tk = _uniform(sq), _uniform(sk), _uniform(tq), _uniform(tk)
     m_pad, n_pad = _pad(M), _pad(N)
     ds_pad, dt_pad = _dot_pad(DS), _dot_pad(DT)
     bq, bk, warps = block_sizes(L, m_pad, ds_pad, device, block)
@@ -584,13 +634,13 @@ def attention_costs_fwd(
     BH = B * H
     lse = torch.empty((M + N, B, H, L) if probs else (0,), dtype=acc, device=device)
     part = torch.zeros((BH, qb, M, N), dtype=acc, device=device)
-    if BH > 0 and L > 0:
+    if BH > 0 and L > 0 and M > 0:
         floor = float(attention_floor) if attention_floor is not None else 0.0
         tab = _table((DS**-0.5, DT**-0.5, mask_value, floor), sq + sk + tq + tk, device)
         am = _float_mask(attention_mask, part)
         tm = _float_mask(mask, part)
         _attention_costs_fwd_kernel[(qb, BH)](
-            tab, am, tm, _box(box, B, L, device), part, lse if probs else part,
+            tab, am, tm, bx, part, lse if probs else part,
             M, N, H, L, DS, DT, BH, *_side_args(sq, sk), *_side_args(tq, tk),
             MX_PAD=m_pad, NY_PAD=n_pad, BQ=bq, BK=bk, DX_PAD=ds_pad, DY_PAD=dt_pad,
             X_DTYPE=_TL_DTYPE[sq[0].dtype], Y_DTYPE=_TL_DTYPE[tq[0].dtype],
@@ -599,9 +649,7 @@ def attention_costs_fwd(
             HAS_TM=mask is not None, HAS_FLOOR=attention_floor is not None, num_warps=warps,
         )
     sums = part.view(B, H * qb, M, N).sum(1)  # [B, M, N], fixed order: deterministic
-    n = _counts(mask, B, H, L, acc, device)
-    cost = sums / n[:, None, None] if per_sample else sums.sum(0) / n.sum()
-    return cost, lse
+    return sums, lse[:M], lse[M:]
 
 
 def _bwd_side(
@@ -611,7 +659,29 @@ def _bwd_side(
     attention_mask, mask, mask_value: float, probs: bool, attention_floor: float | None, block: int | None,
     box: torch.Tensor | None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """dQ, dK of the X side (contiguous, X's dtype) for G [B|1, MX, NY] read through g_strides."""
+    """dQ, dK of the X side (contiguous, X's dtype) for G [B|1, MX, NY] read through g_strides,
+    one pair of launches per group of X layers (``_halving``)."""
+    bx = _box(box, xq[0].shape[0], xq[0].shape[2], xq[0].device)
+
+    def run(i0: int, i1: int):
+        # G's rows i0:i1: the same strides from an offset base (no copy)
+        g = G.as_strided((1,), (1,), G.storage_offset() + i0 * g_strides[1])
+        lx = lse_x[i0:i1] if probs else lse_x
+        return _bwd_launch(g, g_strides, xq[i0:i1], xk[i0:i1], yq, yk, lx, lse_y, c, attention_mask, mask,
+                           mask_value, probs, attention_floor, block, bx)
+
+    parts = _halving(run, len(xq), "backward")
+    return [t for p in parts for t in p[0]], [t for p in parts for t in p[1]]
+
+
+def _bwd_launch(
+    G: torch.Tensor, g_strides: tuple[int, int, int],
+    xq: list[torch.Tensor], xk: list[torch.Tensor], yq: list[torch.Tensor], yk: list[torch.Tensor],
+    lse_x: torch.Tensor, lse_y: torch.Tensor, c: torch.Tensor,
+    attention_mask, mask, mask_value: float, probs: bool, attention_floor: float | None, block: int | None,
+    bx: torch.Tensor,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The dQ and dK launches for the X layers xq/xk."""
     MX, NY = len(xq), len(yq)
     B, H, L, DX = xq[0].shape
     DY = yq[0].shape[-1]
@@ -631,7 +701,6 @@ def _bwd_side(
     delta = torch.empty((MX, BH, L) if probs else (1,), dtype=acc, device=device)
     am = _float_mask(attention_mask, c)
     tm = _float_mask(mask, c)
-    bx = _box(box, B, L, device)
     common = dict(
         MX_PAD=m_pad, BQ=bq, BK=bk, DX_PAD=dx_pad, DY_PAD=dy_pad,
         X_DTYPE=_TL_DTYPE[xq[0].dtype], Y_DTYPE=_TL_DTYPE[yq[0].dtype],

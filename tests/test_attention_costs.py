@@ -468,6 +468,54 @@ def test_triton_kernels_sweep_only_the_live_box(rng):
             assert dk[1, :, 10:].abs().max() == 0 and dk[1, :, :10].abs().max() > 0
 
 
+def test_triton_splits_student_layers_the_gpu_cannot_hold(monkeypatch, rng):
+    """A launch the GPU lacks the resources for (OutOfResources: shared memory at 8+ fp64 layers or
+    head size 128 on an A100) is retried with the X layers in halves, down to one layer, with the
+    same costs and gradients of both sides; ``MAX_X_LAYERS`` caps the groups from the start; a
+    single layer that does not fit gives a clear error."""
+    from triton.runtime.errors import OutOfResources
+
+    import emd_kernels.attention_costs as KA
+
+    monkeypatch.setattr(AC, "TRITON_BLOCK", 16)
+    B, H, L = 2, 2, 19
+    S, T = _side(rng, 3, B, H, L, 8), _side(rng, 2, B, H, L, 16)
+    am, tm = _masks(rng, B, L)
+    kw = dict(attention_mask=am, mask=tm, source="probs", per_sample=True)
+    ref = attention_costs(S, T, backend="torch", **kw)
+    G = torch.randn(ref.shape, generator=rng, dtype=torch.float64)
+    want = torch.autograd.grad((ref * G).sum(), _leaves(S, T))
+    real = {"_fwd_launch": KA._fwd_launch, "_bwd_launch": KA._bwd_launch}
+    ran, refused = [], []
+
+    def limited(name, most):
+        def launch(*a, **k):
+            layers = len(a[2] if name == "_bwd_launch" else a[0])
+            if layers > most:
+                refused.append(layers)
+                raise OutOfResources(300000, 166912, "shared memory")
+            ran.append(layers)
+            return real[name](*a, **k)
+        return launch
+
+    for most, cap in ((1, None), (2, None), (3, 1), (3, 2)):
+        monkeypatch.setattr(KA, "MAX_X_LAYERS", cap)
+        for name in real:
+            monkeypatch.setattr(KA, name, limited(name, most))
+        ran.clear()
+        refused.clear()
+        D = attention_costs(S, T, backend="triton", **kw)
+        got = torch.autograd.grad((D * G).sum(), _leaves(S, T))
+        torch.testing.assert_close(D, ref, rtol=1e-10, atol=1e-12)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
+        assert max(ran) <= min(most, cap or 3) and (bool(refused) == (cap is None))
+    monkeypatch.setattr(KA, "MAX_X_LAYERS", None)
+    monkeypatch.setattr(KA, "_fwd_launch", limited("_fwd_launch", 0))
+    with pytest.raises(RuntimeError, match="does not fit this GPU even for one layer"):
+        attention_costs(S, T, backend="triton", **kw)
+
+
 class _LargestTensor(TorchDispatchMode):
     """Records the largest tensor (elements) any out-of-place op returns while active (in-place
     ops such as the interpreter's copies of kernel arguments allocate nothing)."""

@@ -410,7 +410,8 @@ for cc, bm, bn, comp, dt in [(80, 4, 16, tl.float64, "fp32"), (90, 64, 64, tl.fl
             sig[n] = "i32"
     k = triton.compile(ASTSource(fn, sig, constexprs=const), target=GPUTarget("cuda", cc, 32),
                        options={"num_warps": K.launch_config(bm, bn)["num_warps"]})
-    out.append({"cc": cc, "ptx_target": f".target sm_{cc}" in k.asm["ptx"], "cubin": len(k.asm["cubin"])})
+    out.append({"cc": cc, "ptx_target": f".target sm_{cc}" in k.asm["ptx"], "cubin": len(k.asm["cubin"]),
+                "shared": k.metadata.shared})
 print(json.dumps(out))
 """
 
@@ -423,3 +424,4 @@ def test_triton_kernel_compiles_for_sm80_and_sm90():
     res = run_compile_script(COMPILE_SCRIPT, timeout=300)
     assert [r["cc"] for r in res] == [80, 90, 90]
     assert all(r["ptx_target"] and r["cubin"] > 0 for r in res)
+    assert all(r["shared"] <= (163 if r["cc"] == 80 else 227) * 1024 for r in res), res  # fits a block

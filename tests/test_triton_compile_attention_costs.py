@@ -5,7 +5,8 @@ and conftest.py turns it on for this process). Configurations, with the block si
 GPU launcher picks: the forward, dQ and dK kernels for scores in fp32 (full-precision products,
 a TinyBERT-4-like student) and for probs with both masks and the floor, a bf16 student and an
 fp16 teacher (tensor-core products, 8 student layers); the fp64 forward (about 1.5 s of CPU per
-compile, so not every kernel in every dtype)."""
+compile, so not every kernel in every dtype). Each must fit an A100's / H100's shared memory per
+block (larger launches are split by the launcher on OutOfResources)."""
 
 from __future__ import annotations
 
@@ -74,7 +75,7 @@ SCRIPT = textwrap.dedent(
                 k = triton.compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": warps})
                 out.append({"kernel": fn.__name__, "setup": name, "cc": cc,
                             "ptx_target": f".target sm_{cc}" in k.asm["ptx"], "cubin": len(k.asm["cubin"]),
-                            "mma": "mma" in k.asm["ptx"]})
+                            "mma": "mma" in k.asm["ptx"], "shared": k.metadata.shared})
     print(json.dumps(out))
     """
 )
@@ -86,6 +87,9 @@ def test_kernels_compile_for_sm80_and_sm90():
     for r in results:
         assert r["ptx_target"], r
         assert r["cubin"] > 1000, r
+        # the launch fits the GPU's shared memory per block (A100 163 KiB, H100 227 KiB) in one
+        # group of these layers: no OutOfResources retry (``MAX_X_LAYERS``) for common students
+        assert r["shared"] <= (163 if r["cc"] == 80 else 227) * 1024, r
     # bf16 and fp64 products run on the tensor cores (mma); fp32 uses full-precision FMA
     assert all(r["mma"] for r in results if r["setup"] != "scores_fp32")
     assert {r["kernel"] for r in results} == {

@@ -61,7 +61,7 @@ SCRIPT = textwrap.dedent(
             src = triton.compiler.ASTSource(fn=fn, signature=signature(fn, const, acc), constexprs=const)
             k = triton.compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": warps})
             out.append({"kernel": fn.__name__, "cc": cc, "ptx_target": f".target sm_{cc}" in k.asm["ptx"],
-                        "cubin": len(k.asm["cubin"])})
+                        "cubin": len(k.asm["cubin"]), "shared": k.metadata.shared})
     print(json.dumps(out))
     """
 )
@@ -73,5 +73,6 @@ def test_kernels_compile_for_sm80_and_sm90():
     for r in results:
         assert r["ptx_target"], r
         assert r["cubin"] > 1000, r
+        assert r["shared"] <= (163 if r["cc"] == 80 else 227) * 1024, r  # fits a block (A100 / H100)
     assert {r["kernel"] for r in results} == {
         "_layer_costs_fwd_kernel", "_layer_costs_bwd_kernel", "_layer_costs_reduce_kernel"}
