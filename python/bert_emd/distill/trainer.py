@@ -1,6 +1,6 @@
 """``DistillationTrainer``: BERT-EMD distillation on top of Hugging Face ``Trainer``.
 
-Everything a ``Trainer`` does is kept -- accelerate / torchrun (DDP, FSDP), bf16, gradient
+Everything a ``Trainer`` does is kept -- accelerate / torchrun (DDP), bf16, gradient
 accumulation, checkpoints and resume, logging, progress bars, evaluation -- and three things are
 added:
 
@@ -22,6 +22,10 @@ logs and so to ``trainer_state.json``'s ``log_history``, which ``bert-emd plot``
 
 Evaluation runs the student alone (its own task loss and logits); it never updates the layer
 weights.
+
+FSDP is refused with a clear error (:func:`fsdp_unsupported_reason`): the loss's projection joins
+the student's optimizer, which accelerate's FSDP2 preparation cannot map to sharded parameters.
+Multi-process runs use DDP.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ __all__ = [
     "TRANSPORT_NAME",
     "DistillationTrainer",
     "atomic_save",
+    "fsdp_unsupported_reason",
     "loss_weights",
     "mean_over_processes",
     "transport_state",
@@ -71,6 +76,39 @@ def atomic_save(obj: Any, path: str, *, as_json: bool = False) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def fsdp_unsupported_reason(args: Any = None, *, fsdp_enabled: bool = False) -> str | None:
+    """Why this distillation run cannot go on, if FSDP was requested; ``None`` otherwise.
+
+    FSDP counts as requested when ``args.fsdp`` is set (``--fsdp`` / ``--fsdp full_shard`` /
+    ``fsdp_config``), when ``accelerate launch --use_fsdp`` (or an accelerate config) set
+    ``ACCELERATE_USE_FSDP``, or when the trainer's accelerator runs FSDP (``fsdp_enabled``).
+
+    Why not (accelerate 1.15, torch 2.13): ``DistillationTrainer`` puts the loss's projection W,
+    which lives outside the student, into the student's optimizer; accelerate's FSDP2 ``prepare``
+    swaps every optimizer parameter for its sharded copy in the model and fails on W ("A parameter
+    in the optimizer couldn't be switched to its sharded version"). On CPU accelerate drops the FSDP
+    plugin altogether (gloo processes are ``MULTI_CPU``, never ``FSDP``), so a CPU "FSDP" run would
+    silently be a DDP run.
+    """
+    requested = bool(fsdp_enabled) or bool(getattr(args, "fsdp", None))
+    if not requested:
+        try:
+            from accelerate.utils import parse_flag_from_env
+
+            requested = parse_flag_from_env("ACCELERATE_USE_FSDP", default=False)
+        except ImportError:  # pragma: no cover - accelerate is a Trainer dependency
+            requested = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes", "on")
+    if not requested:
+        return None
+    return (
+        "distillation does not support FSDP (requested through --fsdp / fsdp_config, or accelerate launch "
+        "--use_fsdp / ACCELERATE_USE_FSDP): the BERT-EMD loss's projection parameters live outside the "
+        "student and join its optimizer, which accelerate's FSDP preparation cannot map to sharded "
+        "parameters. Use DDP instead: torchrun --nproc_per_node=K -m bert_emd.cli distill ... (or "
+        "accelerate launch --multi_gpu ...) without --fsdp / --use_fsdp"
+    )
 
 
 def _tolist(t: Tensor | None) -> list | None:
@@ -184,11 +222,16 @@ class DistillationTrainer(Trainer):
                  distill_loss: nn.Module, **kwargs: Any) -> None:
         if teacher is None or distill_loss is None:
             raise ValueError("DistillationTrainer needs both teacher= and distill_loss=")
+        if (reason := fsdp_unsupported_reason(args)) is not None:
+            raise ValueError(reason)
         self.teacher = teacher
         self.distill_loss = distill_loss
         self._parts_sum: dict[str, Tensor] = {}
         self._parts_steps = 0
         super().__init__(model=model, args=args, **kwargs)
+        # an accelerator that runs FSDP although neither args nor the environment asked for it
+        if (reason := fsdp_unsupported_reason(fsdp_enabled=getattr(self, "is_fsdp_enabled", False))) is not None:
+            raise ValueError(reason)
         self.teacher.eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
