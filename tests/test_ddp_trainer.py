@@ -224,3 +224,18 @@ def make_start(teacher) -> dict[str, torch.Tensor]:
     set_seed(3)
     cfg = AutoConfig.from_pretrained(str(teacher))
     return {k: v.detach().clone() for k, v in student_from_config(cfg, num_layers=2).state_dict().items()}
+
+
+def test_ranks_the_trainer_would_run_alone_are_refused(single_run, tmp_path):
+    """torchrun on CPU without ``--use_cpu True``: transformers only warns and every rank would train
+    its own student into the same folder; ``bert-emd distill`` stops first, naming the fix."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    full_env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p])
+    out = tmp_path / "alone"
+    cmd = [*_torchrun(), "-m", "bert_emd.cli", "distill",
+           *_argv(single_run["teacher"], single_run["train"], out, 4, "--use_cpu", "False"), "--ddp_backend", "gloo"]
+    proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "2 processes share a torch.distributed process group" in proc.stderr
+    assert "--use_cpu True" in proc.stderr
+    assert not (out / "model.safetensors").exists()

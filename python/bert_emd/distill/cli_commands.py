@@ -430,12 +430,13 @@ def _distill(args: argparse.Namespace, rest: list[str]) -> dict[str, Any]:
     from transformers import set_seed
 
     from .students import count_parameters, freeze_word_embeddings, load_model
-    from .trainer import DistillationTrainer, fsdp_unsupported_reason
+    from .trainer import DistillationTrainer, fsdp_unsupported_reason, unsynchronised_ranks_reason
 
     t0 = time.time()
     targs, data, tokenizer, tok = _prepare_training("distill", args, rest, args.teacher)
-    if (reason := fsdp_unsupported_reason(targs)) is not None:  # before loading any model
-        raise SystemExit(f"bert-emd distill: {reason}")
+    for check in (fsdp_unsupported_reason, unsynchronised_ranks_reason):  # before loading any model
+        if (reason := check(targs)) is not None:
+            raise SystemExit(f"bert-emd distill: {reason}")
     # post-softmax maps from the models need eager attention; the fused path reads Q and K instead
     needs_maps = args.attention_source == "probs" and not (
         args.fused_attention or args.prediction_only or args.no_attention)

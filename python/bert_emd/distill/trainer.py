@@ -47,6 +47,7 @@ __all__ = [
     "DistillationTrainer",
     "atomic_save",
     "fsdp_unsupported_reason",
+    "unsynchronised_ranks_reason",
     "loss_weights",
     "mean_over_processes",
     "transport_state",
@@ -108,6 +109,30 @@ def fsdp_unsupported_reason(args: Any = None, *, fsdp_enabled: bool = False) -> 
         "student and join its optimizer, which accelerate's FSDP preparation cannot map to sharded "
         "parameters. Use DDP instead: torchrun --nproc_per_node=K -m bert_emd.cli distill ... (or "
         "accelerate launch --multi_gpu ...) without --fsdp / --use_fsdp"
+    )
+
+
+def unsynchronised_ranks_reason(args: Any) -> str | None:
+    """Why this run cannot go on, if several processes share a ``torch.distributed`` process group
+    but the Trainer runs each of them alone; ``None`` otherwise.
+
+    That happens e.g. under ``torchrun`` on CPU without ``--use_cpu True``: transformers only logs a
+    warning and every rank trains its own copy of the student into the same output folder, while
+    the loss's collectives still mix their layer weights: silently wrong results.
+    """
+    import torch.distributed as dist
+    from transformers.training_args import ParallelMode
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return None
+    mode = getattr(args, "parallel_mode", None)
+    if mode in (ParallelMode.DISTRIBUTED, ParallelMode.SAGEMAKER_DATA_PARALLEL, ParallelMode.TPU):
+        return None
+    name = getattr(mode, "value", mode)
+    return (
+        f"{dist.get_world_size()} processes share a torch.distributed process group, but the Trainer runs each of "
+        f"them alone (parallel mode {name!r}): every rank would train its own copy. On CPU pass --use_cpu True "
+        "(gloo DDP); with GPUs make one visible to every rank"
     )
 
 
@@ -231,6 +256,8 @@ class DistillationTrainer(Trainer):
         super().__init__(model=model, args=args, **kwargs)
         # an accelerator that runs FSDP although neither args nor the environment asked for it
         if (reason := fsdp_unsupported_reason(fsdp_enabled=getattr(self, "is_fsdp_enabled", False))) is not None:
+            raise ValueError(reason)
+        if (reason := unsynchronised_ranks_reason(self.args)) is not None:
             raise ValueError(reason)
         self.teacher.eval()
         for p in self.teacher.parameters():

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from transformers import Trainer
 
-from ..distill.trainer import DistillationTrainer, mean_over_processes
+from ..distill.trainer import DistillationTrainer, mean_over_processes, unsynchronised_ranks_reason
 from .distill import MultiTaskEMDLoss, TeacherSet, distillation_step
 from .model import MultiTaskModel
 from .samplers import MultiTaskBatchSampler, TaskSampler
@@ -324,6 +324,8 @@ class _MultiTaskMixin:
         collator: MultiTaskCollator,
         tasks_per_step: int,
     ) -> None:
+        if (reason := unsynchronised_ranks_reason(self.args)) is not None:
+            raise ValueError(reason)
         self.mtl_train_sets = train_sets
         self.mtl_eval_sets = eval_sets or {}
         self.mtl_sampler = sampler
