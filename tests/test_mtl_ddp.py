@@ -331,3 +331,22 @@ def test_distillation_two_gloo_processes_same_tasks_and_match_one(workspace, tmp
         assert all(f"loss_distill_{term}" in h for h in logged), term
     assert all(h["loss_distill_attention"] > 1e-3 for h in logged)  # the attention terms count
     assert {f"w_tag_teacher.{layers['tag'] - 1}", "mix_tag.1"} <= set(logged[-1])
+
+
+def test_ranks_the_trainer_would_run_alone_are_refused(workspace, tmp_path):
+    """torchrun on CPU without ``use_cpu``: transformers only warns and every rank would train its
+    own model into the same folder; ``bert-emd mtl train`` stops with the fix instead."""
+    out = tmp_path / "alone"
+    config = _config(workspace, out, 4, 1)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["training"]["use_cpu"] = False
+    config.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "-m", "bert_emd.cli", *_argv(config), "--ddp_backend", "gloo"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "2 processes share a torch.distributed process group" in proc.stderr
+    assert "--use_cpu True" in proc.stderr
+    assert not (out / "model.safetensors").exists()
