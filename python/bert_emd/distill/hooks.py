@@ -19,12 +19,13 @@ entry per call.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["AttentionScoreCapture", "SelfAttentionSpec", "find_self_attention", "additive_mask"]
+__all__ = ["AttentionScoreCapture", "SelfAttentionSpec", "find_self_attention", "additive_mask", "scores_of"]
 
 # (query attribute, key attribute) of the self-attention modules of the families above.
 _QK_NAMES = (("query", "key"), ("q_lin", "k_lin"), ("q", "k"))
@@ -92,6 +93,37 @@ def additive_mask(attention_mask: Tensor, mask_value: float = -10000.0) -> Tenso
         raise ValueError(f"attention_mask must be [B, L], got shape {tuple(attention_mask.shape)}")
     keep = attention_mask.to(torch.float32)
     return ((1.0 - keep) * mask_value)[:, None, None, :]
+
+
+def scores_of(
+    qk: Sequence[tuple[Tensor, Tensor]], attention_mask: Tensor | None = None, *, mask_value: float = -10000.0
+) -> list[Tensor]:
+    """Pre-softmax scores, one [B, H, L, L] tensor per (query, key) pair [B, H, L, d_head].
+
+    scores = (x W_q + b_q)(x W_k + b_k)^T / sqrt(d_head) + additive mask, where the mask adds
+    ``mask_value`` (the original's -10000) at padded key positions. Differentiable w.r.t. the
+    queries and keys.
+
+    Args:
+        qk: (query, key) pairs, e.g. :meth:`AttentionScoreCapture.queries_keys`.
+        attention_mask: [B, L] 0/1 token mask given to the model, or None (no padding).
+        mask_value: additive value at padded keys.
+    """
+    add = None
+    out = []
+    for qh, kh in qk:
+        b, length, head_size = qh.shape[0], qh.shape[2], qh.shape[3]
+        s = torch.matmul(qh, kh.transpose(-1, -2)) * (head_size**-0.5)
+        if attention_mask is not None:
+            if add is None:
+                if attention_mask.shape != (b, length):
+                    raise ValueError(
+                        f"attention_mask must be [B, L] = [{b}, {length}], got {tuple(attention_mask.shape)}"
+                    )
+                add = additive_mask(attention_mask, mask_value).to(device=s.device)
+            s = s + add.to(s.dtype)
+        out.append(s)
+    return out
 
 
 class AttentionScoreCapture:
@@ -171,28 +203,6 @@ class AttentionScoreCapture:
         return out
 
     def scores(self, attention_mask: Tensor | None = None, *, mask_value: float = -10000.0) -> list[Tensor]:
-        """Pre-softmax scores of the last forward, one [B, H, L, L] tensor per attention call.
-
-        scores = (x W_q + b_q)(x W_k + b_k)^T / sqrt(d_head) + additive mask, where the mask adds
-        ``mask_value`` (the original's -10000) at padded key positions. Differentiable w.r.t.
-        the model's parameters when the forward was.
-
-        Args:
-            attention_mask: [B, L] 0/1 token mask given to the model, or None (no padding).
-            mask_value: additive value at padded keys.
-        """
-        add = None
-        out = []
-        for qh, kh in self.queries_keys():
-            b, length, head_size = qh.shape[0], qh.shape[2], qh.shape[3]
-            s = torch.matmul(qh, kh.transpose(-1, -2)) * (head_size**-0.5)
-            if attention_mask is not None:
-                if add is None:
-                    if attention_mask.shape != (b, length):
-                        raise ValueError(
-                            f"attention_mask must be [B, L] = [{b}, {length}], got {tuple(attention_mask.shape)}"
-                        )
-                    add = additive_mask(attention_mask, mask_value).to(device=s.device)
-                s = s + add.to(s.dtype)
-            out.append(s)
-        return out
+        """Pre-softmax scores of the last forward, one [B, H, L, L] tensor per attention call:
+        :func:`scores_of` its :meth:`queries_keys`."""
+        return scores_of(self.queries_keys(), attention_mask, mask_value=mask_value)

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..distill.hooks import AttentionScoreCapture, additive_mask
+from ..distill.hooks import AttentionScoreCapture, scores_of
 from ..nn.bert_emd_loss import _average_grad_over_ranks, prediction_loss
 from ..nn.cost_attention import CostAttention
 from ..nn.layer_emd_loss import _all_reduce_mean
@@ -354,7 +354,7 @@ class MultiTaskEMDLoss(nn.Module):
                     list(qk_s), qk_t, mask=mask, attention_mask=item.attention_mask, source=self.attention_source,
                     attention_floor=self.attention_floor, backend=self._backend("attention_costs"),
                 )
-            a_s, a_t = _scores(qk_s, item.attention_mask), _scores(qk_t, item.attention_mask)
+            a_s, a_t = scores_of(qk_s, item.attention_mask), scores_of(qk_t, item.attention_mask)
         else:
             a_s = list(self._attentions(item.student, "student", item.task, m))
             a_t = [a.detach() for a in self._attentions(item.teacher, "teacher", item.task, n)]
@@ -520,17 +520,6 @@ class MultiTaskEMDLoss(nn.Module):
         for task, ps in props.items():
             ca = self.cost_attention[task]
             ca.finalize(torch.stack([p[0] for p in ps]).mean(0), torch.stack([p[1] for p in ps]).mean(0))
-
-
-def _scores(qk: Sequence[QK], attention_mask: Tensor | None) -> list[Tensor]:
-    """Pre-softmax scores QK^T / sqrt(d_head) + the additive padding mask (-10000), one
-    [B, H, L, L] map per (query, key) pair, as ``AttentionScoreCapture.scores``."""
-    add = None if attention_mask is None else additive_mask(attention_mask)
-    out = []
-    for q, k in qk:
-        s = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
-        out.append(s if add is None else s + add.to(device=s.device, dtype=s.dtype))
-    return out
 
 
 # ----------------------------------------------------------------------------- teachers
