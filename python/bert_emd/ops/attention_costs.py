@@ -603,24 +603,23 @@ def _bwd_cpu(grad, sq, sk, tq, tk, lse, attention_mask, mask, mask_value, probs,
     live = _live(norms, attention_mask, mask, mask_value, probs, attention_floor, acc)
     linear = (torch.zeros(B, dtype=torch.bool) if probs or not LOWRANK_BACKWARD else
               _scores_linear(norms, attention_mask, mask_value, attention_floor, live))
-    dS, dT = sq[0].shape[-1], tq[0].shape[-1]
     out: list[list[torch.Tensor]] = [[], [], [], []]
-    for k, (need, X, Y, GX) in enumerate(((need_student, (sq, sk), (tq, tk), Gn),
-                                          (need_teacher, (tq, tk), (sq, sk), Gn.transpose(-1, -2)))):
+    for slot, need, (xq, xk), (yq, yk), GX in ((0, need_student, (sq, sk), (tq, tk), Gn),
+                                               (2, need_teacher, (tq, tk), (sq, sk), Gn.transpose(-1, -2))):
         if not need:
             continue
-        SX, SY = _Side(*X, acc, probs), _Side(*Y, acc, probs)
-        MX, NY, dX, dY = len(X[0]), len(Y[0]), *((dS, dT) if k == 0 else (dT, dS))
-        lowrank = [b for b in range(B) if linear[b] and _lowrank_pays(live, b, MX, NY, dX, dY)]
-        dq = [torch.zeros(q.shape, dtype=acc, device=device) for q in X[0]]
-        dk = [torch.zeros(t.shape, dtype=acc, device=device) for t in X[1]]
+        SX, SY = _Side(xq, xk, acc, probs), _Side(yq, yk, acc, probs)
+        dims = (len(xq), len(yq), xq[0].shape[-1], yq[0].shape[-1])
+        lowrank = {b for b in range(B) if linear[b] and _lowrank_pays(live, b, *dims)}
+        dq = [torch.zeros(q.shape, dtype=acc, device=device) for q in xq]
+        dk = [torch.zeros(t.shape, dtype=acc, device=device) for t in xk]
         if lowrank:
-            _bwd_lowrank_side(GX, SX, SY, live, lowrank, dq, dk)
+            _bwd_lowrank_side(GX, SX, SY, live, sorted(lowrank), dq, dk)
         if len(lowrank) < B:
             boxes = [(0, 0, 0, 0) if b in lowrank else bx for b, bx in enumerate(live.boxes)]
             _bwd_cpu_side(GX, SX, SY, add, mask, attention_floor, boxes, dq, dk)
-        out[2 * k] = [g.to(q.dtype) for g, q in zip(dq, X[0])]
-        out[2 * k + 1] = [g.to(t.dtype) for g, t in zip(dk, X[1])]
+        out[slot] = [g.to(q.dtype) for g, q in zip(dq, xq)]
+        out[slot + 1] = [g.to(t.dtype) for g, t in zip(dk, xk)]
     return tuple(out)
 
 
