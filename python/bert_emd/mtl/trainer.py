@@ -324,8 +324,6 @@ class _MultiTaskMixin:
         collator: MultiTaskCollator,
         tasks_per_step: int,
     ) -> None:
-        if (reason := unsynchronised_ranks_reason(self.args)) is not None:
-            raise ValueError(reason)
         self.mtl_train_sets = train_sets
         self.mtl_eval_sets = eval_sets or {}
         self.mtl_sampler = sampler
@@ -532,6 +530,9 @@ class MultiTaskTrainer(_MultiTaskMixin, Trainer):
         collator = MultiTaskCollator(list(model.specs.values()), pad_token_id)
         super().__init__(model=model, args=args, train_dataset=self.concat(train_sets, model),
                          data_collator=collator, **kwargs)
+        # (the distillation trainer checks this in DistillationTrainer.__init__)
+        if (reason := unsynchronised_ranks_reason(self.args)) is not None:
+            raise ValueError(reason)
         self._setup_mtl(train_sets, eval_sets, sampler, collator, tasks_per_step)
 
     def compute_loss(
