@@ -68,7 +68,7 @@ def _torchrun() -> list[str]:
 
 
 def _launch(ref: dict[str, Path], out: Path, launcher: list[str], batch: int = 4, extra: tuple[str, ...] = (),
-            env: dict[str, str] | None = None) -> None:
+            env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
     """Run ``launcher -m bert_emd.cli distill`` (gloo, ``batch`` rows per process, then ``extra``) on
     :func:`single_run`'s teacher and table into ``out``; assert that it succeeded.
 
@@ -79,13 +79,16 @@ def _launch(ref: dict[str, Path], out: Path, launcher: list[str], batch: int = 4
         batch: ``--per_device_train_batch_size``.
         extra: more distill options (after the defaults of :func:`_argv`, so they override them).
         env: extra environment variables for the launcher.
+        check: assert that it succeeded (else the caller inspects the returned process).
     """
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     full_env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p])
     cmd = [*launcher, "-m", "bert_emd.cli", "distill", *_argv(ref["teacher"], ref["train"], out, batch, *extra),
            "--ddp_backend", "gloo"]
     proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
 
 
 def _assert_same_weights(teacher: Path, reference: Path, out: Path) -> None:
@@ -119,6 +122,7 @@ def _check_two_processes_match_one(
         out: output folder of the two-process run.
         launcher: the launcher's command line up to (not including) ``-m bert_emd.cli``.
         env: extra environment variables for the launcher.
+        check: assert that it succeeded (else the caller inspects the returned process).
     """
     _launch(ref, out, launcher, env=env)
     single = ref["single"]
@@ -229,12 +233,8 @@ def make_start(teacher) -> dict[str, torch.Tensor]:
 def test_ranks_the_trainer_would_run_alone_are_refused(single_run, tmp_path):
     """torchrun on CPU without ``--use_cpu True``: transformers only warns and every rank would train
     its own student into the same folder; ``bert-emd distill`` stops first, naming the fix."""
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    full_env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p])
     out = tmp_path / "alone"
-    cmd = [*_torchrun(), "-m", "bert_emd.cli", "distill",
-           *_argv(single_run["teacher"], single_run["train"], out, 4, "--use_cpu", "False"), "--ddp_backend", "gloo"]
-    proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=300)
+    proc = _launch(single_run, out, _torchrun(), extra=("--use_cpu", "False"), check=False)
     assert proc.returncode != 0
     assert "2 processes share a torch.distributed process group" in proc.stderr
     assert "--use_cpu True" in proc.stderr

@@ -189,15 +189,19 @@ def _steps(lines: list[str]) -> list[tuple[int, int, int, list[tuple[str, int]]]
     return out
 
 
-def torchrun_two(driver: Path, args: list[str]) -> None:
+def torchrun_two(driver: Path | list[str], args: list[str], check: bool = True) -> subprocess.CompletedProcess:
     """Run ``driver args --ddp_backend gloo`` in two processes under ``torchrun`` (single threaded,
-    offline) and assert that it succeeded. ``args``: the driver's own arguments, then the CLI's."""
+    offline) and, with ``check``, assert that it succeeded. ``driver``: a script, or the launcher's
+    target as a list (``["-m", "bert_emd.cli"]``); ``args``: the driver's own arguments, then the CLI's."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(driver), *args, "--ddp_backend", "gloo"]
+           "--master_port", str(free_port()), *([str(driver)] if isinstance(driver, Path) else driver), *args,
+           "--ddp_backend", "gloo"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
 
 
 def _run_one_and_two(workspace: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, tasks_per_step: int,
@@ -341,11 +345,7 @@ def test_ranks_the_trainer_would_run_alone_are_refused(workspace, tmp_path):
     cfg = yaml.safe_load(config.read_text())
     cfg["training"]["use_cpu"] = False
     config.write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "-m", "bert_emd.cli", *_argv(config), "--ddp_backend", "gloo"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = torchrun_two(["-m", "bert_emd.cli"], _argv(config), check=False)
     assert proc.returncode != 0
     assert "2 processes share a torch.distributed process group" in proc.stderr
     assert "--use_cpu True" in proc.stderr
