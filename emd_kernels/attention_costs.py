@@ -162,7 +162,7 @@ def _program(BLOCK: tl.constexpr, H, L, MX, MX_PAD: tl.constexpr, DX_PAD: tl.con
 
 
 @triton.jit
-def _live_box(box_ptr, b, offs, L, AXIS: tl.constexpr):
+def _live_box(box_ptr, b, offs, AXIS: tl.constexpr):
     # (r0, r1, k0, k1) of sample b, and whether ``offs`` (rows if AXIS == 0, keys if 1) holds a
     # live one: a program without one leaves its sweeps empty
     r0 = tl.load(box_ptr + b * 4 + 0)
@@ -270,7 +270,7 @@ def _attention_costs_fwd_kernel(
     qin = offs_q < L
     ar_k = tl.arange(0, BK).to(tl.int64)
     jy = tl.arange(0, NY_PAD)
-    _r0, _r1, klo, khi, live_rows = _live_box(box_ptr, b, offs_q, L, 0)
+    _r0, _r1, klo, khi, live_rows = _live_box(box_ptr, b, offs_q, 0)
     kend = tl.where(live_rows, khi, klo)  # pass 2 sweeps nothing without a live row
     xq_base, xk_base, yq_tab, yk_tab, _ = _layer_tables(tab, MX, NY, ix, xrow, X_DTYPE, False)
     qx = _load_x_rows(xq_base, xrow, b, h, offs_q, qin, dx, DX, xq_sb, xq_sh, xq_sl, xq_sd, X_DOT)  # read once
@@ -368,7 +368,7 @@ def _attention_costs_bwd_dq_kernel(
     sx, sy, mask_value, floor = _consts(tab, ACC)
     qin = offs_q < L
     ar_k = tl.arange(0, BK).to(tl.int64)
-    _r0, _r1, klo, khi, live_rows = _live_box(box_ptr, b, offs_q, L, 0)
+    _r0, _r1, klo, khi, live_rows = _live_box(box_ptr, b, offs_q, 0)
     kend = tl.where(live_rows, khi, klo)  # no live row: dQ = 0, nothing to sweep
     xq_base, xk_base, yq_tab, yk_tab, dq_base = _layer_tables(tab, MX, NY, ix, xrow, X_DTYPE, True)
     qx = _load_x_rows(xq_base, xrow, b, h, offs_q, qin, dx, DX, xq_sb, xq_sh, xq_sl, xq_sd, X_DOT)
@@ -435,7 +435,7 @@ def _attention_costs_bwd_dk_kernel(
     offs_k, bh, b, h, ix, xrow, dx, dy = _program(BK, H, L, MX, MX_PAD, DX_PAD, DY_PAD)
     sx, sy, mask_value, floor = _consts(tab, ACC)
     kout = offs_k < L  # rows of dK written (zeros for dead keys)
-    rlo, rhi, klo, khi, live_keys = _live_box(box_ptr, b, offs_k, L, 1)
+    rlo, rhi, klo, khi, live_keys = _live_box(box_ptr, b, offs_k, 1)
     kin = kout & (offs_k >= klo) & (offs_k < khi)
     rend = tl.where(live_keys, rhi, rlo)  # no live key: dK = 0, nothing to sweep
     ar_q = tl.arange(0, BQ).to(tl.int64)
