@@ -24,8 +24,11 @@ accepted aliases.) Every error names the file and the field, e.g.
 
 from __future__ import annotations
 
+import codecs
 import contextvars
+import math
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -95,6 +98,95 @@ def normalize_task_type(value: Any, where: str = "type") -> str:
     return _TYPE_ALIASES[key]
 
 
+# ----------------------------------------------------------------------------- field checks
+# One helper per kind of check. Each raises ConfigError("<name>: <what is required>, got <value>");
+# ``name`` is "section.field" (or the bare field where _build adds the prefix, as in DataFiles).
+# bool is a subclass of int: YAML ``true`` is never accepted as a number.
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _require_bool(v: Any, name: str) -> bool:
+    """``v`` must be YAML ``true`` / ``false`` (not ``"yes"``, not ``0``)."""
+    if not isinstance(v, bool):
+        raise ConfigError(f"{name}: true or false is required, got {v!r}")
+    return v
+
+
+def _or_null(what: str, optional: bool) -> str:
+    return f"{what} (or null)" if optional else what
+
+
+def _require_int(
+    v: Any, name: str, *, lo: int | None = None, hi: int | None = None, optional: bool = False,
+    what: str | None = None,
+) -> int | None:
+    """An integer (not a bool) in ``[lo, hi]`` (either bound optional), or None when ``optional``."""
+    if v is None and optional:
+        return None
+    if _is_int(v) and (lo is None or v >= lo) and (hi is None or v <= hi):
+        return v
+    if what is None:
+        what = "an integer" + (f" in [{lo}, {hi}]" if lo is not None and hi is not None
+                               else f" >= {lo}" if lo is not None else f" <= {hi}" if hi is not None else "")
+    raise ConfigError(f"{name}: {_or_null(what, optional)} is required, got {v!r}")
+
+
+def _require_number(
+    v: Any, name: str, *, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
+    hi_open: bool = False, optional: bool = False,
+) -> float | None:
+    """A number (int or float, not a bool, not NaN) in the range given by ``lo`` / ``hi`` (closed
+    unless ``lo_open`` / ``hi_open``), or None when ``optional``. Returns ``v`` unchanged."""
+    if v is None and optional:
+        return None
+    ok = _is_number(v) and not (isinstance(v, float) and math.isnan(v))
+    if ok and lo is not None:
+        ok = v > lo if lo_open else v >= lo
+    if ok and hi is not None:
+        ok = v < hi if hi_open else v <= hi
+    if ok:
+        return v
+    if lo is not None and hi is not None:
+        what = f"a number in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    elif lo is not None:
+        what = f"a number {'>' if lo_open else '>='} {lo}"
+    elif hi is not None:
+        what = f"a number {'<' if hi_open else '<='} {hi}"
+    else:
+        what = "a number"
+    raise ConfigError(f"{name}: {_or_null(what, optional)} is required, got {v!r}")
+
+
+def _require_str(v: Any, name: str, *, optional: bool = False, nonempty: bool = True) -> str | None:
+    """A string (a :class:`os.PathLike` is turned into one), non-empty unless ``nonempty`` is
+    False, or None when ``optional``. Returns the string."""
+    if v is None and optional:
+        return None
+    if isinstance(v, os.PathLike):
+        v = os.fspath(v)
+    if not isinstance(v, str):
+        raise ConfigError(f"{name}: {_or_null('a string', optional)} is required, got {type(v).__name__} {v!r}")
+    if nonempty and not v.strip():
+        raise ConfigError(f"{name}: {_or_null('a non-empty string', optional)} is required, got {v!r}")
+    return v
+
+
+def _require_choice(v: Any, name: str, choices: Sequence[str]) -> str:
+    """One of ``choices`` (strings); the message lists them."""
+    if not isinstance(v, str) or v not in choices:
+        quoted = [repr(c) for c in choices]
+        what = " or ".join(quoted) if len(quoted) <= 2 else ", ".join(quoted[:-1]) + " or " + quoted[-1]
+        raise ConfigError(f"{name}: {what} is required, got {v!r}")
+    return v
+
+
 # ----------------------------------------------------------------------------- dataclasses
 @dataclass
 class DataFiles:
@@ -120,17 +212,21 @@ class DataFiles:
     encoding: str = "utf-8"
 
     def __post_init__(self) -> None:
+        # Bare field names: _build (and TaskSpec.validate) prefix them with "tasks[i] ('name').data".
         for f in fields(self):
             v = getattr(self, f.name)
             if f.name == "label_list" or v is None:
                 continue
-            if isinstance(v, Path):
-                setattr(self, f.name, str(v))
-            elif not isinstance(v, str):
-                raise ConfigError(f"{f.name}: a string is required, got {type(v).__name__} {v!r}")
+            setattr(self, f.name, _require_str(v, f.name))
         for name in ("text_column", "label_column", "tokens_column", "tags_column", "encoding"):
             if getattr(self, name) is None:
                 raise ConfigError(f"{name}: a string is required, got None")
+        try:
+            codecs.lookup(self.encoding)
+        except LookupError:
+            raise ConfigError(
+                f"encoding: a known text encoding (e.g. 'utf-8') is required, got {self.encoding!r}"
+            ) from None
 
 
 @dataclass
@@ -188,6 +284,8 @@ class TaskSpec:
         self.type = normalize_task_type(self.type, f"{w}.type")
         if isinstance(self.data, Mapping):
             self.data = _build(DataFiles, self.data, f"{w}.data")
+        if not isinstance(self.data, DataFiles):
+            raise ConfigError(f"{w}.data: a mapping of data fields is required, got {type(self.data).__name__}")
         labels = self.data.label_list
         if labels is not None:
             if not isinstance(labels, (list, tuple)) or not labels:
@@ -208,8 +306,7 @@ class TaskSpec:
                         f"{w}.num_labels: required for a {self.type} task (or give data.label_list)"
                     )
                 self.num_labels = len(labels)
-            if isinstance(self.num_labels, bool) or not isinstance(self.num_labels, int) or self.num_labels < 2:
-                raise ConfigError(f"{w}.num_labels: an integer >= 2 is required, got {self.num_labels!r}")
+            _require_int(self.num_labels, f"{w}.num_labels", lo=2)
             if labels is not None and len(labels) != self.num_labels:
                 raise ConfigError(
                     f"{w}.num_labels: {self.num_labels} does not match data.label_list with "
@@ -232,15 +329,10 @@ class TaskSpec:
             raise ConfigError(
                 f"{w}.metric: {self.metric!r} (F1 of class 1) needs 2 labels, the task has {self.num_labels}"
             )
-        if self.tap_layer is not None and (isinstance(self.tap_layer, bool) or not isinstance(self.tap_layer, int)):
-            raise ConfigError(f"{w}.tap_layer: an integer layer index is required, got {self.tap_layer!r}")
-        if isinstance(self.loss_weight, bool) or not isinstance(self.loss_weight, (int, float)) or not (
-            self.loss_weight > 0
-        ):
-            raise ConfigError(f"{w}.loss_weight: a number > 0 is required, got {self.loss_weight!r}")
-        self.loss_weight = float(self.loss_weight)
-        if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 2):
-            raise ConfigError(f"{w}.max_length: an integer >= 2 is required, got {self.max_length!r}")
+        _require_int(self.tap_layer, f"{w}.tap_layer", optional=True, what="an integer layer index")
+        self.loss_weight = float(_require_number(self.loss_weight, f"{w}.loss_weight", lo=0, lo_open=True))
+        _require_int(self.max_length, f"{w}.max_length", lo=2, optional=True)
+        self.teacher = _require_str(self.teacher, f"{w}.teacher", optional=True)
         d = self.data
         if d.glue is not None:
             if self.type == "tagging":
@@ -336,26 +428,18 @@ class MechanismConfig:
 
     def validate(self, where: str = "mechanisms") -> None:
         for m in MECHANISMS + ("head_hidden",):
-            if not isinstance(getattr(self, m), bool):
-                raise ConfigError(f"{where}.{m}: true or false is required, got {getattr(self, m)!r}")
-        if self.hierarchy_mode not in ("learned", "emd"):
-            raise ConfigError(f"{where}.hierarchy_mode: 'learned' or 'emd' is required, got {self.hierarchy_mode!r}")
-        if self.pooling not in ("cls", "mean"):
-            raise ConfigError(f"{where}.pooling: 'cls' or 'mean' is required, got {self.pooling!r}")
+            _require_bool(getattr(self, m), f"{where}.{m}")
+        _require_choice(self.hierarchy_mode, f"{where}.hierarchy_mode", ("learned", "emd"))
+        _require_choice(self.pooling, f"{where}.pooling", ("cls", "mean"))
         for name in ("private_dim", "private_heads", "label_embedding_dim"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"{where}.{name}: an integer >= 1 is required, got {v!r}")
+            _require_int(getattr(self, name), f"{where}.{name}", lo=1)
         if self.private_dim % self.private_heads:
             raise ConfigError(
                 f"{where}.private_heads: {self.private_heads} does not divide private_dim {self.private_dim}"
             )
         for name in ("gamma", "adversarial_weight"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-                raise ConfigError(f"{where}.{name}: a number >= 0 is required, got {v!r}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
-            raise ConfigError(f"{where}.dropout: a number in [0, 1) is required, got {self.dropout!r}")
+            _require_number(getattr(self, name), f"{where}.{name}", lo=0)
+        _require_number(self.dropout, f"{where}.dropout", lo=0, hi=1, hi_open=True)
 
     @classmethod
     def from_value(cls, value: Any, where: str = "mechanisms") -> MechanismConfig:
@@ -420,27 +504,41 @@ class SamplerOptions:
     def __post_init__(self) -> None:
         from .samplers import SAMPLERS
 
-        if self.kind not in SAMPLERS:
+        if not isinstance(self.kind, str) or self.kind not in SAMPLERS:
             raise ConfigError(f"sampler.kind: unknown sampler {self.kind!r}; expected one of {', '.join(SAMPLERS)}")
         for name in ("temperature", "power"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-                raise ConfigError(f"sampler.{name}: a number > 0 is required, got {v!r}")
-        if self.anneal_to is not None:
-            if isinstance(self.anneal_to, bool) or not isinstance(self.anneal_to, (int, float)) or self.anneal_to < 0:
-                raise ConfigError(f"sampler.anneal_to: a number >= 0 is required, got {self.anneal_to!r}")
+            _require_number(getattr(self, name), f"sampler.{name}", lo=0, lo_open=True)
+        if _require_number(self.anneal_to, "sampler.anneal_to", lo=0, optional=True) is not None:
             if self.kind == "epoch_shuffle":
                 raise ConfigError("sampler.anneal_to: the epoch_shuffle sampler has no distribution to anneal")
 
 
 @dataclass
 class ModelOptions:
-    """The shared encoder: a local Hugging Face folder (any encoder, or a distilled student)."""
+    """The shared encoder: a local Hugging Face folder (any encoder, or a distilled student).
+
+    ``tokenizer``: its folder (default: the encoder's); ``attn_implementation``: passed to
+    ``from_pretrained`` (``eager``, ``sdpa``, ``flash_attention_2``, ...: transformers checks the
+    name); ``student_layers``: keep only these encoder layers (0-based, distinct), a shallower
+    student (null or ``[]``: all layers).
+    """
 
     encoder: str | None = None
     tokenizer: str | None = None
     attn_implementation: str | None = None
     student_layers: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("encoder", "tokenizer", "attn_implementation"):
+            setattr(self, name, _require_str(getattr(self, name), f"model.{name}", optional=True))
+        layers = self.student_layers
+        if layers is not None:
+            if not isinstance(layers, (list, tuple)) or not all(_is_int(i) and i >= 0 for i in layers):
+                raise ConfigError(
+                    f"model.student_layers: a list of integers >= 0 (or null) is required, got {layers!r}"
+                )
+            if len(set(layers)) != len(layers):
+                raise ConfigError(f"model.student_layers: distinct layer indices are required, got {list(layers)}")
 
 
 @dataclass
@@ -474,22 +572,21 @@ class TrainingOptions:
     mixture_lr: float | None = 1e-2
 
     def __post_init__(self) -> None:
+        self.output_dir = _require_str(self.output_dir, "training.output_dir")
         for name in ("batch_size", "eval_batch_size", "tasks_per_step", "logging_steps", "max_length"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"training.{name}: an integer >= 1 is required, got {v!r}")
-        if isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int):
-            raise ConfigError(f"training.max_steps: an integer is required, got {self.max_steps!r}")
+            _require_int(getattr(self, name), f"training.{name}", lo=1)
+        _require_int(self.max_steps, "training.max_steps")
+        for name in ("limit_train", "limit_eval"):
+            _require_int(getattr(self, name), f"training.{name}", lo=1, optional=True)
+        _require_int(self.seed, "training.seed", lo=0, hi=2**32 - 1)  # numpy's seed range
         for name in ("epochs", "lr"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-                raise ConfigError(f"training.{name}: a number > 0 is required, got {v!r}")
-        mlr = self.mixture_lr
-        if mlr is not None and (isinstance(mlr, bool) or not isinstance(mlr, (int, float)) or not mlr > 0):
-            raise ConfigError(f"training.mixture_lr: a number > 0 (or null) is required, got {self.mixture_lr!r}")
+            _require_number(getattr(self, name), f"training.{name}", lo=0, lo_open=True)
+        _require_number(self.mixture_lr, "training.mixture_lr", lo=0, lo_open=True, optional=True)
+        _require_number(self.weight_decay, "training.weight_decay", lo=0)
+        _require_number(self.warmup_ratio, "training.warmup_ratio", lo=0, hi=1, hi_open=True)
         for name in ("eval_strategy", "save_strategy"):
-            if getattr(self, name) not in ("no", "epoch", "steps"):
-                raise ConfigError(f"training.{name}: 'no', 'epoch' or 'steps' is required, got {getattr(self, name)!r}")
+            _require_choice(getattr(self, name), f"training.{name}", ("no", "epoch", "steps"))
+        _require_bool(self.use_cpu, "training.use_cpu")
 
 
 @dataclass
@@ -522,23 +619,23 @@ class DistillOptions:
     fused_attention: bool = False
 
     def __post_init__(self) -> None:
-        if self.normalize not in ("sum", "softmax", "double_softmax"):
-            raise ConfigError(
-                f"distillation.normalize: 'sum', 'softmax' or 'double_softmax' is required, got {self.normalize!r}"
-            )
-        if self.attention_source not in ("probs", "scores"):
-            raise ConfigError(
-                f"distillation.attention_source: 'probs' or 'scores' is required, got {self.attention_source!r}"
-            )
-        if not isinstance(self.fused_attention, bool):
-            raise ConfigError(f"distillation.fused_attention: true or false is required, got {self.fused_attention!r}")
-        if not 0 <= self.gold_weight <= 1:
-            raise ConfigError(f"distillation.gold_weight: a number in [0, 1] is required, got {self.gold_weight!r}")
-        for name in ("beta", "theta", "T_emd", "temperature"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (name in ("T_emd", "temperature")
-                                                                                   and v == 0):
-                raise ConfigError(f"distillation.{name}: a non-negative number is required, got {v!r}")
+        for name in _DISTILL_SWITCHES:
+            _require_bool(getattr(self, name), f"distillation.{name}")
+        self.teacher = _require_str(self.teacher, "distillation.teacher", optional=True)
+        _require_choice(self.normalize, "distillation.normalize", ("sum", "softmax", "double_softmax"))
+        _require_choice(self.attention_source, "distillation.attention_source", ("probs", "scores"))
+        _require_number(self.gold_weight, "distillation.gold_weight", lo=0, hi=1)
+        for name in ("beta", "theta"):
+            _require_number(getattr(self, name), f"distillation.{name}", lo=0)
+        for name in ("T_emd", "temperature"):  # divisors
+            _require_number(getattr(self, name), f"distillation.{name}", lo=0, lo_open=True)
+        terms = ("use_attention", "use_hidden", "use_embedding", "use_prediction")
+        if self.enabled and not any(getattr(self, t) for t in terms):
+            raise ConfigError(f"distillation.{'/'.join(terms)}: all four are false; at least one term must be true")
+
+
+_DISTILL_SWITCHES = ("enabled", "teacher_annealing", "use_attention", "use_hidden", "use_embedding", "use_prediction",
+                     "fused_attention")
 
 
 @dataclass
@@ -640,17 +737,22 @@ def config_from_dict(raw: Mapping[str, Any], *, source: str = "<config>", base_d
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ConfigError(f"{source}: tasks: duplicate task name(s) {dup}; names must be unique")
-        model = _build(ModelOptions, raw.get("model") or {}, f"{source}: model")
+        model = _wrap(lambda: _build(ModelOptions, _section(raw, "model"), "model"), source)
         model.encoder = _resolve(model.encoder, base)
         model.tokenizer = _resolve(model.tokenizer, base)
         mech = _wrap(lambda: MechanismConfig.from_value(raw.get("mechanisms"), "mechanisms"), source)
-        sampler = _wrap(lambda: _build(SamplerOptions, raw.get("sampler") or {}, "sampler"), source)
-        training = _wrap(lambda: _build(TrainingOptions, raw.get("training") or {}, "training"), source)
+        sampler = _wrap(lambda: _build(SamplerOptions, _section(raw, "sampler"), "sampler"), source)
+        training = _wrap(lambda: _build(TrainingOptions, _section(raw, "training"), "training"), source)
         training.output_dir = _resolve(training.output_dir, base) or training.output_dir
         dist_raw = raw.get("distillation")
         if dist_raw is None or dist_raw is False:
             distill = DistillOptions()
         else:
+            if dist_raw is not True and not isinstance(dist_raw, Mapping):
+                raise ConfigError(
+                    f"{source}: distillation: a mapping of distillation fields (or true / false) is required, "
+                    f"got {type(dist_raw).__name__} {dist_raw!r}"
+                )
             dist_raw = {} if dist_raw is True else dict(dist_raw)
             dist_raw.setdefault("enabled", True)
             distill = _wrap(lambda: _build(DistillOptions, dist_raw, "distillation"), source)
@@ -659,7 +761,22 @@ def config_from_dict(raw: Mapping[str, Any], *, source: str = "<config>", base_d
         raise
     cfg = MTLConfig(tasks, model, mech, sampler, training, distill, source=source)
     _cross_check(cfg, source)
+    if not distill.enabled:
+        # a `distillation:` section with `enabled: false` is kept (a switch to flip), but say what it drops
+        default = DistillOptions()
+        ignored = [f.name for f in fields(DistillOptions)
+                   if f.name != "enabled" and getattr(distill, f.name) != getattr(default, f.name)]
+        if ignored:
+            warnings.warn(f"{source}: distillation.enabled is false: ignoring {', '.join(ignored)}", UserWarning,
+                          stacklevel=2)
     return cfg
+
+
+def _section(raw: Mapping[str, Any], name: str) -> Any:
+    """A section's mapping; an absent or empty (``model:``) section is ``{}``. Anything else goes to
+    _build as is (which names the section if it is not a mapping)."""
+    value = raw.get(name)
+    return {} if value is None else value
 
 
 def _wrap(fn: Any, source: str) -> Any:
