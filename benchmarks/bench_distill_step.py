@@ -15,8 +15,19 @@ checked against the original's per-pair MSE loop and the plan against its margin
 Configs: ``tiny`` (2-layer 32-d student, 4-layer 48-d teacher) and ``tinybert`` (4-layer 312-d,
 12 heads, FFN 1200 student; BERT-base 12-layer 768-d teacher), random weights.
 
+``--attention-paths``: instead, the same EMD step with its attention term computed two ways
+(issue #7), for ``--sources`` (default ``probs,scores``): ``maps`` -- what the loss does without
+fused attention (``probs``: both models run eager attention and return every layer's map,
+``output_attentions=True``; ``scores``: the q/k hooks' materialised score maps) -- against
+``fused`` (``fused_attention=True``: both models keep SDPA, the costs come from the hooked
+queries and keys by ``bert_emd.attention_costs``, no map stored). Its gradients are checked equal
+before timing. CPU memory: one fresh process per (source, path) measures the peak of its first full step
+(VmHWM minus the RSS before, models and inputs built, warmed up on 16 tokens).
+
 Usage: python benchmarks/bench_distill_step.py [--quick] [--device cpu|cuda] [--no-csv]
-Rows go to benchmarks/results/distill_step.csv with machine, versions, commit and date.
+       python benchmarks/bench_distill_step.py --attention-paths --configs tinybert --batch 1 --seq 512
+Rows go to benchmarks/results/distill_step.csv (``--attention-paths``:
+distill_step_attention.csv) with machine, versions, commit and date.
 """
 
 from __future__ import annotations
@@ -43,7 +54,7 @@ CONFIGS = {
 LOSSES = ("emd", "skip", "pred")
 
 
-def _model(layers: int, d: int, heads: int, ffn: int, seed: int, device: str):
+def _model(layers: int, d: int, heads: int, ffn: int, seed: int, device: str, attn: str = "sdpa"):
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(seed)
@@ -56,7 +67,7 @@ def _model(layers: int, d: int, heads: int, ffn: int, seed: int, device: str):
         max_position_embeddings=512,
         num_labels=3,
     )
-    return BertForSequenceClassification._from_config(cfg, attn_implementation="sdpa").to(device)
+    return BertForSequenceClassification._from_config(cfg, attn_implementation=attn).to(device)
 
 
 def _loss(kind: str, student, teacher):
@@ -167,7 +178,126 @@ def bench_config(name: str, batch: int, seq: int, repeats: int, warmup: int, dev
     return rows
 
 
+PATHS = ("maps", "fused")
+
+
+def _attention_setup(name: str, batch: int, seq: int, source: str, path: str, device: str):
+    """Student, teacher, loss and inputs of the EMD step whose attention term goes ``path``."""
+    from bert_emd.nn import BertEMDLoss
+
+    (sl, sd, sh, sf), (tl, td, th, tf) = CONFIGS[name]
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 1000, (batch, seq), generator=g).to(device)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[: batch // 2, seq - seq // 4 :] = 0  # some padding (none at batch 1)
+    mask = mask.to(device)
+    y = torch.randint(0, 3, (batch,), generator=g).to(device)
+    # eager attention only where the loss reads the models' maps; the weights do not depend on it
+    attn = "eager" if (path == "maps" and source == "probs") else "sdpa"
+    student = _model(sl, sd, sh, sf, 1, device, attn).train()
+    teacher = _model(tl, td, th, tf, 2, device, attn).eval()
+    torch.manual_seed(3)  # the loss's projection: equal in both paths
+    loss_fn = BertEMDLoss.from_models(student, teacher, attention_source=source,
+                                      fused_attention=path == "fused").to(device)
+    want_maps = path == "maps" and source == "probs"
+
+    def step(length: int | None = None) -> None:
+        """One step; ``length``: on the first ``length`` tokens only (a warm-up that leaves the
+        memory of the full step untouched)."""
+        i, m = (ids, mask) if length is None else (ids[:, :length], mask[:, :length])
+        student.zero_grad(set_to_none=True)
+        so = student(input_ids=i, attention_mask=m, output_hidden_states=True, output_attentions=want_maps)
+        with torch.no_grad():
+            to = teacher(input_ids=i, attention_mask=m, output_hidden_states=True, output_attentions=want_maps)
+        total, _ = loss_fn(so, to, labels=y, attention_mask=m)
+        total.backward()
+
+    return student, step
+
+
+def _attention_child(argv: list[str]) -> int:
+    """One fresh process: peak memory of one EMD step as JSON: the peak resident set (VmHWM,
+    reset just before the step through /proc/self/clear_refs) minus the resident set before it --
+    everything the step newly touched: maps, activations, gradients. Warmed up on 16 tokens, so
+    that the step's own allocations are not already resident from an earlier full step."""
+    import json
+
+    def status_kb(key: str) -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(key))
+
+    name, batch, seq, source, path, device, threads = argv
+    if int(threads):
+        torch.set_num_threads(int(threads))
+    _, step = _attention_setup(name, int(batch), int(seq), source, path, device)
+    step(16)
+    with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS (Linux >= 4.0)
+        f.write("5")
+    before = status_kb("VmRSS")
+    step()
+    print(json.dumps({"peak_mb": max(0, status_kb("VmHWM") - before) / 1024}))
+    return 0
+
+
+def bench_attention_paths(name: str, batch: int, seq: int, sources: list[str], repeats: int, warmup: int,
+                          device: str, threads: int) -> list[dict]:
+    """The EMD step with attention costs from maps against fused (see the module docstring)."""
+    import json
+    import subprocess
+
+    rows = []
+    for source in sources:
+        built = {path: _attention_setup(name, batch, seq, source, path, device) for path in PATHS}
+        for path in PATHS:  # first step: gradients must agree before anything is timed (dropout off:
+            built[path][0].eval()  # eager and SDPA attention draw their dropout masks differently)
+            built[path][1]()
+            built[path][0].train()
+        grads = {path: [p.grad for p in built[path][0].parameters() if p.grad is not None] for path in PATHS}
+        # per parameter, relative to its own scale -- or to 1e-3 of the largest gradient for the
+        # ones that are 0 up to rounding (the key biases: softmax ignores a per-row constant)
+        scale = max(float(g.abs().max()) for g in grads["maps"])
+        worst = max(float((a - b).abs().max() / max(float(b.abs().max()), 1e-3 * scale, 1e-30))
+                    for a, b in zip(grads["fused"], grads["maps"]))
+        if len(grads["fused"]) != len(grads["maps"]) or not worst < 1e-3:
+            raise AssertionError(f"{source}: fused and map-based gradients differ (max relative {worst:.2e})")
+        for _ in range(warmup):
+            for path in PATHS:
+                built[path][1]()
+        samples: dict[str, list[float]] = {path: [] for path in PATHS}
+        for _ in range(repeats):  # interleaved, so that load from elsewhere hits both alike
+            for path in PATHS:
+                t0 = time.perf_counter()
+                built[path][1]()
+                _sync(device)
+                samples[path].append(time.perf_counter() - t0)
+        del built, grads
+        peaks = {}
+        for path in PATHS:
+            if device == "cpu":
+                env = dict(os.environ)
+                env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1] / "python"),
+                                                     env.get("PYTHONPATH", "")])
+                out = subprocess.run([sys.executable, __file__, "--_attention-child", name, str(batch), str(seq),
+                                      source, path, device, str(threads)], capture_output=True, text=True,
+                                     env=env, check=True)
+                peaks[path] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
+            else:
+                peaks[path] = float("nan")
+        med = {k: statistics.median(v) for k, v in samples.items()}
+        for path in PATHS:
+            rows.append({
+                "config": name, "source": source, "path": path, "batch": batch, "seq": seq,
+                "step_ms": med[path] * 1e3, "min_ms": min(samples[path]) * 1e3,
+                "vs_maps": med[path] / med["maps"], "peak_mb": peaks[path],
+                "grad_rel_diff": worst, "repeats": repeats,
+            })
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--_attention-child"]:
+        return _attention_child(argv[1:])
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("--quick", action="store_true", help="small batches and few repeats (< 1 min on CPU)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -177,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=None, help="timed steps per loss (default 9, quick 5)")
     p.add_argument("--no-csv", action="store_true", help="do not append to benchmarks/results")
     p.add_argument("--out-dir", default=None, help="CSV folder (default benchmarks/results)")
+    p.add_argument("--attention-paths", action="store_true",
+                   help="time the EMD step with attention costs from maps against fused_attention (issue #7)")
+    p.add_argument("--sources", default="probs,scores", help="with --attention-paths: probs, scores or both")
     args = p.parse_args(argv)
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -196,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     # CPU timings on a shared machine are only as good as its load: record it with the rows.
     prov["load1"] = f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "-"
 
+    if args.attention_paths:
+        return _main_attention_paths(args, repeats, warmup, prov)
     rows = []
     for name in [c.strip() for c in args.configs.split(",") if c.strip()]:
         if name not in CONFIGS:
@@ -222,6 +357,29 @@ def main(argv: list[str] | None = None) -> int:
         )
     if not args.no_csv:
         path = append_csv("distill_step", [{**prov, **r} for r in rows], args.out_dir)
+        print(f"appended {len(rows)} rows to {path}")
+    return 0
+
+
+def _main_attention_paths(args: argparse.Namespace, repeats: int, warmup: int, prov: dict) -> int:
+    sources = [x.strip() for x in args.sources.split(",") if x.strip()]
+    if not sources or any(x not in ("probs", "scores") for x in sources):
+        print(f"--sources: probs and/or scores, got {args.sources!r}", file=sys.stderr)
+        return 2
+    rows = []
+    for name in [c.strip() for c in args.configs.split(",") if c.strip()]:
+        if name not in CONFIGS:
+            print(f"unknown config {name!r}; choose from {', '.join(CONFIGS)}", file=sys.stderr)
+            return 2
+        batch, seq = args.batch or 1, args.seq or 512
+        rows += bench_attention_paths(name, batch, seq, sources, args.repeats or repeats, warmup, args.device,
+                                      torch.get_num_threads())
+    print(f"# {prov['machine']} | torch {prov['torch']} | transformers {prov['transformers']}", end="")
+    print(f" | commit {prov['commit']} | {prov['date']} | load {prov['load1']} | threads {torch.get_num_threads()}")
+    print(markdown_table(rows, ["config", "source", "path", "batch", "seq", "step_ms", "min_ms", "vs_maps",
+                                "peak_mb", "grad_rel_diff"]))
+    if not args.no_csv:
+        path = append_csv("distill_step_attention", [{**prov, **r} for r in rows], args.out_dir)
         print(f"appended {len(rows)} rows to {path}")
     return 0
 
