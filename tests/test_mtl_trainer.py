@@ -119,6 +119,22 @@ def test_mtl_train_then_evaluate(workspace, capsys):
     assert model.mechanisms.enabled == ["hierarchy", "gate"]
 
 
+@pytest.mark.parametrize("strategy", ["epoch", "steps"])
+def test_mtl_train_evaluates_during_training(workspace, strategy):
+    # regression: the Trainer refuses an eval_strategy without an eval_dataset, so `mtl train` with
+    # validation files and eval_strategy epoch (the default, and examples/mtl_tasks.yaml) crashed
+    out = workspace["root"] / f"run_eval_{strategy}"
+    # (with "steps", evaluation runs every logging_steps)
+    cfg = _config(workspace, out, training={"eval_strategy": strategy, "logging_steps": 3})
+    assert main(["mtl", "train", "--config", str(cfg), "--max-steps", "6"]) == 0
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    evals = [h for h in history if "eval_macro_avg" in h]
+    assert evals, history
+    assert all({"eval_sent_acc", "eval_tag_token_acc"} <= set(h) for h in evals)
+    res = json.loads((out / "mtl_results.json").read_text())
+    assert evals[-1]["eval_macro_avg"] == pytest.approx(res["eval"]["macro_avg"], rel=1e-6)
+
+
 def test_mtl_training_loss_falls(workspace):
     from bert_emd.mtl.cli_commands import train_from_config
     from bert_emd.mtl.tasks import load_config

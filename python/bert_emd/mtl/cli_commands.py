@@ -285,8 +285,10 @@ def train_from_config(
     res: dict[str, Any] = {"output_dir": out, "train_runtime": result.metrics.get("train_runtime"),
                            "global_step": result.global_step, "training_loss": result.training_loss}
     if evaluate and eval_sets:
+        # every rank scores its shard and gets everyone's logits (the same results on every rank;
+        # rank 0 writes them below)
         res["eval"] = evaluate_tasks(model, eval_sets, trainer.mtl_collator, batch_size=tr.eval_batch_size,
-                                     device=args.device)
+                                     device=args.device, distributed=args.world_size > 1)
     else:
         res["eval"] = {"tasks": {}, "macro_avg": float("nan")}
     res["layer_weights"] = {t: w.tolist() for t, w in model.layer_weights().items()}

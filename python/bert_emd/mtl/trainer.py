@@ -10,7 +10,8 @@ What the multi-task trainers change, and nothing else:
   student against each task's teacher with one batched EMD solve per step); the step's loss is
   the mean over its task batches;
 - ``evaluate``: every task's validation set, its metrics (``eval_<task>_<metric>``) and the
-  macro average of the tasks' headline metrics (``eval_macro_avg``);
+  macro average of the tasks' headline metrics (``eval_macro_avg``); in distributed runs each rank
+  scores a shard of every task's examples and the shards' logits are gathered to every rank;
 - logging adds each task's mean training loss since the last log (``loss_<task>``), the
   auxiliary losses (both averaged over the processes, as the Trainer's ``loss``), and --
   distilling -- each task's EMD layer weights;
@@ -47,6 +48,7 @@ __all__ = [
     "MultiTaskDistillationTrainer",
     "MultiTaskTrainer",
     "TaskDataset",
+    "eval_shard",
     "evaluate_tasks",
     "load_task_data",
     "task_scores",
@@ -255,6 +257,32 @@ def task_scores(spec: TaskSpec, logits: np.ndarray, labels: np.ndarray) -> dict[
     return {head: scores[head], **{k: v for k, v in scores.items() if k != head}}
 
 
+def eval_shard(n: int, rank: int, world_size: int) -> range:
+    """The examples that ``rank`` of ``world_size`` processes scores in a sharded evaluation of
+    ``n`` examples: a contiguous block of ``ceil(n / world_size)`` (the last ranks may get fewer,
+    or none when ``n < world_size``); the ranks' blocks in rank order are ``range(n)``.
+
+    Returns:
+        ``range(min(n, rank * k), min(n, (rank + 1) * k))`` with ``k = ceil(n / world_size)``.
+    Raises:
+        ValueError: ``n < 0``, ``world_size < 1`` or ``rank`` outside ``[0, world_size)``.
+    """
+    if n < 0 or world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"no shard {rank} of {world_size} for {n} examples")
+    k = -(-n // world_size)
+    return range(min(n, rank * k), min(n, (rank + 1) * k))
+
+
+def _distributed_group() -> tuple[int, int] | None:
+    """(rank, world size) of the default ``torch.distributed`` process group, or None without one
+    (or with a single process)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return None
+    return dist.get_rank(), dist.get_world_size()
+
+
 @torch.no_grad()
 def evaluate_tasks(
     model: MultiTaskModel,
@@ -263,51 +291,92 @@ def evaluate_tasks(
     *,
     batch_size: int = 64,
     device: torch.device | str | None = None,
+    distributed: bool = False,
 ) -> dict[str, Any]:
     """Score ``model`` on each task's dataset.
 
     Args:
-        model: the multi-task model.
+        model: the multi-task model (the plain model, not a DDP wrapper: sharded, the ranks run
+            different numbers of forwards).
         datasets: ``{task: tokenised split}`` (tasks without labels are skipped).
         collator: pads the batches.
         batch_size: examples per forward.
         device: where to run (default: the model's).
+        distributed: in a ``torch.distributed`` run of several processes, score only this rank's
+            shard of each task's examples (:func:`eval_shard`: a contiguous block of
+            ``ceil(n / world_size)``) and gather the shards' logits [n_r, C] / [n_r, L_r, C] and
+            labels [n_r] / [n_r, L_r] to every rank (``all_gather_object``, in rank order). A
+            collective: every rank must call it, with the same datasets (a rank with an empty shard
+            takes part too). Ignored without a process group of more than one process.
     Returns:
         ``{"tasks": {task: {metric: value, ..., "loss": ..., "n": ...}}, "macro_avg": mean of the
-        tasks' headline metrics}``.
+        tasks' headline metrics}``; distributed, the same dict on every rank, that of one process
+        scoring everything (same example order, tagging logits padded to the longest example; the
+        loss of the single process's batches of ``batch_size``, computed from the gathered logits,
+        up to float rounding; only the forwards differ).
     """
     was_training = model.training
     model.eval()
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    group = _distributed_group() if distributed else None
     out: dict[str, Any] = {"tasks": {}}
+    # per task: the logits and labels of each batch ([B, C] / [B, L, C], [B] / [B, L] numpy) and the
+    # sum over batches of (batch loss x batch size)
+    scored: dict[str, tuple[list[np.ndarray], list[np.ndarray], float]] = {}
     for name, ds in datasets.items():
-        spec = model.specs[name]
         tid = model.task_names.index(name)
         if len(ds) == 0 or "labels" not in ds.column_names:
             continue
-        logits_all, labels_all, losses, length = [], [], [], 0
         tds = TaskDataset(ds, tid)
-        for start in range(0, len(tds), batch_size):
-            feats = [tds[i] for i in range(start, min(start + batch_size, len(tds)))]
+        rows = range(len(tds)) if group is None else eval_shard(len(tds), *group)
+        logits_all, labels_all, loss_sum = [], [], 0.0
+        for start in range(rows.start, rows.stop, batch_size):
+            feats = [tds[i] for i in range(start, min(start + batch_size, rows.stop))]
             b = collator(feats)["task_batches"][0]
             b = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in b.items()}
             res = model(name, **{k: v for k, v in b.items() if k != "task"})
-            losses.append(float(res.task_loss) * len(feats))
+            loss_sum += float(res.task_loss) * len(feats)
             logits_all.append(res.logits.float().cpu().numpy())
             labels_all.append(b["labels"].cpu().numpy())
-            length = max(length, res.logits.shape[1] if spec.is_tagging else 0)
+        scored[name] = (logits_all, labels_all, loss_sum)
+    if group is not None:
+        import torch.distributed as dist
+
+        # one collective for all tasks; every rank gathers every task (possibly with no batches)
+        shards: list[Any] = [None] * group[1]
+        dist.all_gather_object(shards, {t: (x, y) for t, (x, y, _) in scored.items()})
+        scored = {t: ([x for s in shards for x in s[t][0]], [y for s in shards for y in s[t][1]], 0.0)
+                  for t in scored}
+    for name, (logits_all, labels_all, loss_sum) in scored.items():
+        spec = model.specs[name]
+        n = sum(len(y) for y in labels_all)
         if spec.is_tagging:  # pad the token axis to one length
+            length = max(x.shape[1] for x in logits_all)
             logits_all = [np.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0))) for x in logits_all]
             labels_all = [np.pad(y, ((0, 0), (0, length - y.shape[1])), constant_values=-100) for y in labels_all]
         logits, labels = np.concatenate(logits_all), np.concatenate(labels_all)
+        if group is not None:
+            # the loss of one process's batches: a tagging batch's loss is its mean over labelled
+            # tokens, which depends on where the batches start (the shards' batches start elsewhere)
+            loss_sum = _batched_loss_sum(spec, logits, labels, batch_size)
         scores = task_scores(spec, logits, labels)
-        scores["loss"] = sum(losses) / len(tds)
-        scores["n"] = len(tds)
+        scores["loss"] = loss_sum / n
+        scores["n"] = n
         out["tasks"][name] = scores
     heads = [s[model.specs[t].metric] for t, s in out["tasks"].items()]
     out["macro_avg"] = float(np.mean(heads)) if heads else float("nan")
     model.train(was_training)
     return out
+
+
+def _batched_loss_sum(spec: TaskSpec, logits: np.ndarray, labels: np.ndarray, batch_size: int) -> float:
+    """Sum over the batches of ``batch_size`` consecutive examples of (the batch's task loss x its
+    size), from logits [n, C] / [n, 1] / [n, L, C] and labels [n] / [n, L] (-100: no tag)."""
+    from .model import task_loss_fn
+
+    x, y = torch.from_numpy(logits), torch.from_numpy(labels)
+    return sum(float(task_loss_fn(spec, x[s:s + batch_size], y[s:s + batch_size])) * len(y[s:s + batch_size])
+               for s in range(0, len(y), batch_size))
 
 
 # ----------------------------------------------------------------------------- trainers
@@ -340,6 +409,14 @@ class _MultiTaskMixin:
         if missing:
             raise ValueError(f"no training data for task(s) {missing}")
         return ConcatDataset([TaskDataset(train_sets[t], i) for i, t in enumerate(model.task_names)])
+
+    @staticmethod
+    def eval_concat(eval_sets: dict[str, Any] | None, model: MultiTaskModel) -> ConcatDataset | None:
+        """The tasks' evaluation sets concatenated (None without any): the Trainer's ``eval_dataset``,
+        which it requires for an ``eval_strategy`` other than ``"no"``; :meth:`evaluate` scores the
+        sets task by task and never reads it."""
+        sets = [TaskDataset(ds, model.task_names.index(t)) for t, ds in (eval_sets or {}).items()]
+        return ConcatDataset(sets) if sets else None
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """The Trainer's optimiser, with the layer-mixture parameters (hierarchy) in their own group
@@ -467,12 +544,17 @@ class _MultiTaskMixin:
         ignore_keys: list[str] | None = None,
         metric_key_prefix: str = "eval",
     ) -> dict[str, float]:
-        """Every task's metrics on its evaluation set and their macro average (logged, returned)."""
+        """Every task's metrics on its evaluation set and their macro average (logged, returned).
+
+        In a distributed run every rank scores its shard of each task's examples and gets every
+        rank's logits (:func:`evaluate_tasks` with ``distributed``): the metrics of one process, on
+        every rank, for 1 / world_size of the forwards. Every rank must call it (the Trainer does).
+        """
         sets = eval_dataset if isinstance(eval_dataset, dict) else self.mtl_eval_sets
         if not sets:
             raise ValueError("no evaluation data: give the tasks validation files")
         res = evaluate_tasks(self._model(), sets, self.mtl_collator, batch_size=self.args.per_device_eval_batch_size,
-                             device=self.args.device)
+                             device=self.args.device, distributed=self.args.world_size > 1)
         metrics: dict[str, float] = {}
         for t, scores in res["tasks"].items():
             for k, v in scores.items():
@@ -528,6 +610,7 @@ class MultiTaskTrainer(_MultiTaskMixin, Trainer):
     ) -> None:
         self.mixture_lr = mixture_lr
         collator = MultiTaskCollator(list(model.specs.values()), pad_token_id)
+        kwargs.setdefault("eval_dataset", self.eval_concat(eval_sets, model))
         super().__init__(model=model, args=args, train_dataset=self.concat(train_sets, model),
                          data_collator=collator, **kwargs)
         # (the distillation trainer checks this in DistillationTrainer.__init__)
@@ -582,6 +665,7 @@ class MultiTaskDistillationTrainer(_MultiTaskMixin, DistillationTrainer):
     ) -> None:
         self.mixture_lr = mixture_lr
         collator = MultiTaskCollator(list(model.specs.values()), pad_token_id)
+        kwargs.setdefault("eval_dataset", self.eval_concat(eval_sets, model))
         super().__init__(model=model, args=args, teacher=teachers, distill_loss=distill_loss,
                          train_dataset=self.concat(train_sets, model), data_collator=collator, **kwargs)
         self._setup_mtl(train_sets, eval_sets, sampler, collator, tasks_per_step)
