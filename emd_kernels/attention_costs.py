@@ -64,6 +64,8 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
+from ._launch import launches_on_input_device, upload
+
 __all__ = ["attention_costs_fwd", "attention_costs_bwd", "block_sizes"]
 
 # At most this many X layers per launch (None: all at once). The 3-D X tiles live in shared
@@ -152,9 +154,10 @@ def _y_scores(yq_tab, yk_tab, j, b, h, offs_q, offs_k, qin, kin, dy, DY,
 @triton.jit
 def _program(BLOCK: tl.constexpr, H, L, MX, MX_PAD: tl.constexpr, DX_PAD: tl.constexpr, DY_PAD: tl.constexpr):
     # (block offsets [BLOCK] along L, b*h, b, h, layer index [MX_PAD], its mask, head dims) of
-    # a program of grid (L blocks, B*H)
-    bh = tl.program_id(1)
-    offs = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+    # a program of grid (B*H, L blocks): B*H on axis 0, whose limit is 2**31 - 1 (axis 1 allows
+    # 65535); int64, so that every offset built from it, (layer * B*H + bh) * L included, is
+    bh = tl.program_id(0).to(tl.int64)
+    offs = (tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
     ix = tl.arange(0, MX_PAD)
     dx = tl.arange(0, DX_PAD).to(tl.int64)
     dy = tl.arange(0, DY_PAD).to(tl.int64)
@@ -260,11 +263,11 @@ def _attention_costs_fwd_kernel(
     ACC: tl.constexpr, PREC: tl.constexpr,
     PROBS: tl.constexpr, HAS_AM: tl.constexpr, HAS_TM: tl.constexpr, HAS_FLOOR: tl.constexpr,
 ):
-    # One program per (query block, b*h): part[bh, qb, i, j] = sum over its rows q and all keys k
+    # One program per (b*h, query block): part[bh, qb, i, j] = sum over its rows q and all keys k
     # of w (f(V_i[q,k]) - f(W_j[q,k]))^2, V/W the X/Y scores or probs.
     # Per program: F = 2 BQ L (M d_X + N d_Y) (x2 with PROBS) + 3 BQ L M N;
     # reads BQ (M d_X + N d_Y) query and L (M d_X + N d_Y) key elements (keys from L2).
-    qb = tl.program_id(0)
+    qb = tl.program_id(1)
     offs_q, bh, b, h, ix, xrow, dx, dy = _program(BQ, H, L, MX, MX_PAD, DX_PAD, DY_PAD)
     sx, sy, mask_value, floor = _consts(tab, ACC)
     qin = offs_q < L
@@ -339,7 +342,7 @@ def _attention_costs_fwd_kernel(
             d = v - w[None, :, :]  # direct differences: no |v|^2 + |w|^2 - 2 v.w cancellation
             s = tl.sum(tl.sum(d * d, axis=2), axis=1)  # [MX_PAD]
             acc = tl.where(jy[None, :] == j, acc + s[:, None], acc)
-    out = part_ptr + ((bh * tl.num_programs(0) + qb) * MX + ix[:, None]) * NY + jy[None, :]
+    out = part_ptr + ((bh * tl.num_programs(1) + qb) * MX + ix[:, None]) * NY + jy[None, :]
     tl.store(out, acc, mask=xrow[:, None] & (jy < NY)[None, :])
 
 
@@ -361,7 +364,7 @@ def _attention_costs_bwd_dq_kernel(
     ACC: tl.constexpr, PREC: tl.constexpr,
     PROBS: tl.constexpr, HAS_AM: tl.constexpr, HAS_TM: tl.constexpr, HAS_FLOOR: tl.constexpr,
 ):
-    # One program per (query block, b*h): dQ_i[q] = (1/sqrt(d_X)) sum_k dS_i[q,k] K_i[k].
+    # One program per (b*h, query block): dQ_i[q] = (1/sqrt(d_X)) sum_k dS_i[q,k] K_i[k].
     # PROBS first sweeps the keys for delta_i[q] (then stored for the dK kernel), then sweeps
     # again for dQ: F = (1 or 2) x [2 BQ L (M d_X + N d_Y) + 2 BQ L M N] + 2 BQ L M d_X.
     offs_q, bh, b, h, ix, xrow, dx, dy = _program(BQ, H, L, MX, MX_PAD, DX_PAD, DY_PAD)
@@ -429,7 +432,7 @@ def _attention_costs_bwd_dk_kernel(
     ACC: tl.constexpr, PREC: tl.constexpr,
     PROBS: tl.constexpr, HAS_AM: tl.constexpr, HAS_TM: tl.constexpr, HAS_FLOOR: tl.constexpr,
 ):
-    # One program per (key block, b*h): dK_i[k] = (1/sqrt(d_X)) sum_q dS_i[q,k] Q_i[q], sweeping
+    # One program per (b*h, key block): dK_i[k] = (1/sqrt(d_X)) sum_q dS_i[q,k] Q_i[q], sweeping
     # the query blocks (no atomics: deterministic). F = 2 BK L (M d_X + N d_Y) + 2 BK L M N
     # + 2 BK L M d_X.
     offs_k, bh, b, h, ix, xrow, dx, dy = _program(BK, H, L, MX, MX_PAD, DX_PAD, DY_PAD)
@@ -519,7 +522,7 @@ def _table(consts: Sequence[float], layers: Sequence[torch.Tensor], device: torc
     """int64 table: the float64 bit patterns of ``consts``, then every layer's data_ptr()."""
     head = torch.tensor([float(c) for c in consts], dtype=torch.float64).view(torch.int64)
     ptrs = torch.tensor([x.data_ptr() for x in layers], dtype=torch.int64)
-    return torch.cat([head, ptrs]).to(device)
+    return upload(torch.cat([head, ptrs]), device)
 
 
 def _float_mask(m: torch.Tensor | None, dummy: torch.Tensor) -> torch.Tensor:
@@ -586,6 +589,7 @@ def _halving(run, n: int, what: str):
     return [r for i0, i1 in _split(n, MAX_X_LAYERS) for r in go(i0, i1)]
 
 
+@launches_on_input_device
 def attention_costs_fwd(
     sq: Sequence[torch.Tensor], sk: Sequence[torch.Tensor],
     tq: Sequence[torch.Tensor], tk: Sequence[torch.Tensor],
@@ -639,7 +643,7 @@ def _fwd_launch(sq, sk, tq, tk, attention_mask, mask, mask_value, probs, attenti
         tab = _table((DS**-0.5, DT**-0.5, mask_value, floor), sq + sk + tq + tk, device)
         am = _float_mask(attention_mask, part)
         tm = _float_mask(mask, part)
-        _attention_costs_fwd_kernel[(qb, BH)](
+        _attention_costs_fwd_kernel[(BH, qb)](
             tab, am, tm, bx, part, lse if probs else part,
             M, N, H, L, DS, DT, BH, *_side_args(sq, sk), *_side_args(tq, tk),
             MX_PAD=m_pad, NY_PAD=n_pad, BQ=bq, BK=bk, DX_PAD=ds_pad, DY_PAD=dt_pad,
@@ -712,12 +716,13 @@ def _bwd_launch(
     lx = lse_x if probs else c
     ly = lse_y if probs else c
     tab = _table(consts, xq + xk + yq + yk + dq, device)
-    _attention_costs_bwd_dq_kernel[(triton.cdiv(L, bq), BH)](tab, am, tm, bx, G, c, lx, ly, delta, *sizes, **common)
+    _attention_costs_bwd_dq_kernel[(BH, triton.cdiv(L, bq))](tab, am, tm, bx, G, c, lx, ly, delta, *sizes, **common)
     tab = _table(consts, xq + xk + yq + yk + dk, device)
-    _attention_costs_bwd_dk_kernel[(triton.cdiv(L, bk), BH)](tab, am, tm, bx, G, c, lx, ly, delta, *sizes, **common)
+    _attention_costs_bwd_dk_kernel[(BH, triton.cdiv(L, bk))](tab, am, tm, bx, G, c, lx, ly, delta, *sizes, **common)
     return dq, dk
 
 
+@launches_on_input_device
 def attention_costs_bwd(
     grad: torch.Tensor,
     sq: Sequence[torch.Tensor], sk: Sequence[torch.Tensor],

@@ -16,12 +16,12 @@ typed pointers in the kernel, so a tuple of layers (what HF returns) is read wit
 Copies happen only when the layers of one side have different strides (the non-contiguous ones
 are made contiguous) or when more than three non-mergeable dims remain.
 
-Forward, grid (programs per sample, B): a program walks ITERS blocks of BLOCK elements; per
+Forward, grid (B, programs per sample): a program walks ITERS blocks of BLOCK elements; per
 block it loads every layer once ([M_PAD, BLOCK] student and [N_PAD, BLOCK] teacher tiles, one
 read of each input element) and adds the [M_PAD, N_PAD, BLOCK] squared differences
 elementwise, so the only cross-thread reduction is the one after its last block. A second small
 kernel adds the programs' partials (one program per output entry, fixed order: deterministic)
-and divides by n. Backward, grid (blocks per sample, B): one block of every layer is loaded
+and divides by n. Backward, grid (B, blocks per sample): one block of every layer is loaded
 once and both gradients come out of the same registers (sum_j G_ij T_j and sum_i G_ij S_i as
 [M_PAD, N_PAD, BLOCK] broadcasts reduced over the layer axis).
 
@@ -37,6 +37,8 @@ from collections.abc import Sequence
 import torch
 import triton
 import triton.language as tl
+
+from ._launch import launches_on_input_device, upload
 
 __all__ = ["geometry", "layer_costs_fwd", "layer_costs_bwd", "Geometry"]
 
@@ -107,8 +109,8 @@ def _layer_costs_fwd_kernel(
     # Each block loads all M + N layers at once ([M_PAD, BLOCK] and [N_PAD, BLOCK]: every input
     # element read once) and adds the [M_PAD, N_PAD, BLOCK] squared differences elementwise;
     # the one reduction over BLOCK happens after the last block.
-    tile = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(0).to(tl.int64)  # samples on axis 0 (limit 2**31 - 1; axis 1 allows 65535)
+    tile = tl.program_id(1)
     offs_m = tl.arange(0, M_PAD)
     offs_n = tl.arange(0, N_PAD)
     acc = tl.zeros((M_PAD, N_PAD, BLOCK), dtype=ACC)
@@ -122,7 +124,7 @@ def _layer_costs_fwd_kernel(
         d = S[:, None, :] - T[None, :, :]  # direct differences: no |s|^2 + |t|^2 - 2 s.t cancellation
         acc += d * d  # dead elements and padded rows are 0 - 0
     nrows = tl.num_programs(0) * tl.num_programs(1)
-    out = part_ptr + b * tl.num_programs(0) + tile
+    out = part_ptr + b * tl.num_programs(1) + tile
     tl.store(out + (offs_m[:, None] * N_PAD + offs_n[None, :]) * nrows, tl.sum(acc, axis=2))
 
 
@@ -171,8 +173,8 @@ def _layer_costs_bwd_kernel(
     # dS_i = c keep_S (f(S_i) sum_j G_ij - sum_j G_ij f(T_j))
     # dT_j = c keep_T (f(T_j) sum_i G_ij - sum_i G_ij f(S_i)),   c = 2/n, keep = live & x > floor
     # One block of every layer is loaded once; both gradients come out of the same registers.
-    tile = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(0).to(tl.int64)  # samples on axis 0 (limit 2**31 - 1; axis 1 allows 65535)
+    tile = tl.program_id(1)
     r = tile * BLOCK + tl.arange(0, BLOCK)
     inb = r < LEN
     live = _live(r, b, LEN, D2, D3, L, mask_ptr, MASK_Q, MASK_K)
@@ -337,10 +339,7 @@ def _ptr_table(xs: Sequence[torch.Tensor], device: torch.device) -> tuple[torch.
     On CUDA the table goes up from pinned memory without blocking (a pageable copy would wait
     for the GPU to drain, serialising every call with the host)."""
     ptrs = [x.data_ptr() for x in xs]
-    tab = torch.tensor(ptrs, dtype=torch.int64)
-    if device.type == "cuda":
-        tab = tab.pin_memory().to(device, non_blocking=True)
-    return tab, all(p % 16 == 0 for p in ptrs)
+    return upload(torch.tensor(ptrs, dtype=torch.int64), device), all(p % 16 == 0 for p in ptrs)
 
 
 def _acc_dtype(student, teacher) -> torch.dtype:
@@ -363,12 +362,16 @@ def _constexprs(g: Geometry, acc: torch.dtype, attention_floor: float | None, m_
     )
 
 
-def _check_len(g: Geometry) -> None:
-    if g.len >= 2**31:  # flat in-sample indices are int32 in the kernels
-        raise ValueError(f"layer_costs (triton): a sample holds {g.len} elements; at most 2**31 - 1 are supported")
+def _check_len(g: Geometry, span: int = 0) -> None:
+    """Flat in-sample indices are int32 in the kernels, including those of the last program's
+    blocks past the end (``span``: programs x blocks x block size, which must not wrap either)."""
+    if g.len >= 2**31 or span >= 2**31:
+        raise ValueError(f"layer_costs (triton): a sample holds {g.len} elements; at most 2**31 - 1 (less the "
+                         "last program's blocks past the end) are supported")
 
 
 # ---------------------------------------------------------------------------------- launchers
+@launches_on_input_device
 def layer_costs_fwd(
     student: Sequence[torch.Tensor],
     teacher: Sequence[torch.Tensor],
@@ -395,12 +398,13 @@ def layer_costs_fwd(
     out = torch.empty((B_out, M, N), dtype=acc, device=device)
     m_pad, n_pad, blk, warps, its = _launch_params(g, M, N, device, block, iters)
     tiles = triton.cdiv(triton.cdiv(g.len, blk), its) if g.B > 0 else 0
+    _check_len(g, tiles * its * blk)
     rows = g.B * tiles
     part = torch.empty((m_pad * n_pad, max(rows, 1)), dtype=acc, device=device)
     if rows > 0:
         tab, aligned = _ptr_table(g.student + g.teacher, device)
         maskf, sizes = _common_args(g, M, N, mask, part)
-        _layer_costs_fwd_kernel[(tiles, g.B)](
+        _layer_costs_fwd_kernel[(g.B, tiles)](
             tab, maskf, part, *sizes, float(attention_floor) if attention_floor is not None else 0.0, its,
             **_constexprs(g, acc, attention_floor, m_pad, n_pad, blk, aligned), num_warps=warps,
         )
@@ -418,6 +422,7 @@ def layer_costs_fwd(
     return out if per_sample else out[0]
 
 
+@launches_on_input_device
 def layer_costs_bwd(
     grad: torch.Tensor,
     student: Sequence[torch.Tensor],
@@ -440,6 +445,7 @@ def layer_costs_bwd(
     gt = [torch.empty(x.shape, dtype=x.dtype, device=device) for x in teacher] if need_teacher else []
     m_pad, n_pad, blk, warps, _ = _launch_params(g, M, N, device, block, 1)
     tiles = triton.cdiv(g.len, blk)
+    _check_len(g, tiles * blk)
     if g.B == 0 or tiles == 0:
         return gs, gt
     G = grad.to(acc).contiguous()
@@ -455,7 +461,7 @@ def layer_costs_bwd(
         scale_t, per_scale = G, False
     tab, aligned = _ptr_table(g.student + g.teacher + gs + (gt if need_teacher else gs[:1]), device)
     maskf, sizes = _common_args(g, M, N, mask, G)
-    _layer_costs_bwd_kernel[(tiles, g.B)](
+    _layer_costs_bwd_kernel[(g.B, tiles)](
         tab, maskf, G, scale_t, *sizes,
         float(attention_floor) if attention_floor is not None else 0.0, n_all, M * N if per_sample else 0,
         **_constexprs(g, acc, attention_floor, m_pad, n_pad, blk, aligned), NEED_T=need_teacher,

@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launches_on_input_device, upload
+
 __all__ = ["MAX_SIZE", "sinkhorn_triton", "launch_config"]
 
 MAX_SIZE = 64  # largest M or N held on chip
@@ -116,6 +118,7 @@ def launch_config(M: int, N: int) -> dict[str, int]:
     return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": max(1, min(8, bm * bn // 256))}
 
 
+@launches_on_input_device
 def sinkhorn_triton(
     cost: torch.Tensor,
     a: torch.Tensor | None,
@@ -152,7 +155,7 @@ def sinkhorn_triton(
     if B == 0:
         return value, plan, u, v, status
     # reg and tol travel as float64 through memory: a Python float argument would be fp32.
-    params = torch.tensor([reg, tol], dtype=torch.float64).to(dev, non_blocking=True)
+    params = upload(torch.tensor([reg, tol], dtype=torch.float64), dev)
     a_arg = a if a is not None else params  # placeholder pointer, never read (HAS_A False)
     b_arg = b if b is not None else params
     cfg = launch_config(M, N)
