@@ -163,7 +163,8 @@ def test_two_gloo_processes_each_score_their_shard_and_get_the_single_process_re
     driver.write_text(DRIVER)
     argv = ["mtl", "train", "--config", str(config), "--max-steps", "1", "--optim", "sgd",
             "--dataloader_num_workers", "0"]
-    mtl_ddp.torchrun_two(driver, [str(logs), *argv])
+    proc = mtl_ddp.torchrun_two(driver, [str(logs), *argv])
+    assert proc.stdout.count("macro average") == 1, proc.stdout[-3000:]  # the table: once, not per rank
 
     # one process scoring the saved model (rank 0's weights, which DDP keeps equal to rank 1's)
     cfg = load_config(str(config))

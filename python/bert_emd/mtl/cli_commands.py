@@ -74,8 +74,9 @@ def dispatch(args: argparse.Namespace, rest: list[str]) -> int:
             cfg, output_dir=args.output_dir, max_steps=args.max_steps, epochs=args.epochs, seed=args.seed,
             resume=args.resume, extra=rest, progress=args.progress, fused_attention=args.fused_attention or None,
         )
-        print(format_table(res["eval"], cfg))
-        print(f"model and results: {res['output_dir']}")
+        if os.environ.get("RANK", "0") == "0":  # under torchrun / accelerate: once, not per rank
+            print(format_table(res["eval"], cfg))
+            print(f"model and results: {res['output_dir']}")
         return 0
     if cmd == "evaluate":
         res = evaluate_model(args.model, config=args.config, split=args.split, batch_size=args.batch_size,
