@@ -1,5 +1,6 @@
 """TaskSpec and the multi-task YAML configuration: valid files load, errors name file and field."""
 
+import re
 import textwrap
 
 import pytest
@@ -427,3 +428,12 @@ def test_example_and_demo_configs_do_not_warn(tmp_path):
         load_config(example)
         cfg = _config(tasks, ["hierarchy", "gate"], tmp_path / "enc", tmp_path / "out", BUDGETS["tiny"], 4)
     assert cfg.training.warmup_ratio == 0.1 and cfg.training.seed == 42
+
+
+@pytest.mark.parametrize("labels, bad", [([None, "b"], "None"), (["a", True], "True"), (["a", ["b"]], "['b']")])
+def test_label_list_entries_must_be_text_or_numbers(tmp_path, labels, bad):
+    msg = r"data\.label_list: labels must be strings or numbers, got " + re.escape(bad)
+    with pytest.raises(ConfigError, match=msg):
+        _cfg(tmp_path, _task(num_labels=2, data={"label_list": labels}))
+    cfg = _cfg(tmp_path, _task(num_labels=3, data={"label_list": ["neg", 1, 2.5]}))
+    assert cfg.tasks[0].data.label_list == ["neg", "1", "2.5"]

@@ -290,6 +290,10 @@ class TaskSpec:
         if labels is not None:
             if not isinstance(labels, (list, tuple)) or not labels:
                 raise ConfigError(f"{w}.data.label_list: a non-empty list is required, got {labels!r}")
+            bad = [x for x in labels if x is None or isinstance(x, (bool, list, dict))]
+            if bad:  # labels are matched as text: YAML null / true / lists would never match a data file
+                raise ConfigError(f"{w}.data.label_list: labels must be strings or numbers, got {bad[0]!r} in "
+                                  f"{list(labels)!r}")
             self.data.label_list = [str(x) for x in labels]
             if len(set(self.data.label_list)) != len(self.data.label_list):
                 raise ConfigError(f"{w}.data.label_list: duplicate labels in {self.data.label_list}")
