@@ -126,3 +126,42 @@ def test_accelerate_launch_use_fsdp_is_refused(data, tmp_path):
     assert proc.returncode != 0
     _assert_fsdp_message(proc.stdout + proc.stderr)
     assert not (out / "model.safetensors").exists()
+
+
+def test_deepspeed_is_refused_with_the_fix_named(monkeypatch):
+    """``--deepspeed`` / ``accelerate launch --use_deepspeed``: refused (half-precision student
+    without autocast against the fp32 projection, which lives outside the student), DDP named."""
+    from types import SimpleNamespace
+
+    import torch
+    from bert_emd.distill.trainer import DistillationTrainer, deepspeed_unsupported_reason
+    from bert_emd.nn import BertEMDLoss
+    from transformers import TrainingArguments
+
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    assert deepspeed_unsupported_reason(None) is None
+    assert deepspeed_unsupported_reason(TrainingArguments(output_dir="unused", use_cpu=True, report_to="none")) is None
+    for reason in (deepspeed_unsupported_reason(SimpleNamespace(deepspeed="ds_config.json")),
+                   deepspeed_unsupported_reason(SimpleNamespace(deepspeed={"zero_optimization": {"stage": 2}}))):
+        assert "does not support DeepSpeed" in reason and "torchrun" in reason
+    args = TrainingArguments(output_dir="unused", use_cpu=True, report_to="none")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what accelerate launch --use_deepspeed sets
+    assert "does not support DeepSpeed" in deepspeed_unsupported_reason(None)
+    with pytest.raises(ValueError, match="does not support DeepSpeed"):
+        DistillationTrainer(model=torch.nn.Linear(2, 2), args=args, teacher=torch.nn.Linear(2, 2),
+                            distill_loss=BertEMDLoss(2, 2, 4, 4))
+
+
+def test_one_process_driving_several_gpus_is_refused():
+    """A plain ``python`` run that sees several GPUs would get ``nn.DataParallel`` from the Trainer:
+    refused with one-process-per-GPU launches named; every other mode passes."""
+    from types import SimpleNamespace
+
+    from bert_emd.distill.trainer import data_parallel_reason
+    from transformers.training_args import ParallelMode
+
+    reason = data_parallel_reason(SimpleNamespace(parallel_mode=ParallelMode.NOT_DISTRIBUTED, n_gpu=4))
+    assert "DataParallel" in reason and "torchrun --nproc_per_node=4" in reason and "CUDA_VISIBLE_DEVICES" in reason
+    for mode in (ParallelMode.NOT_PARALLEL, ParallelMode.DISTRIBUTED):
+        assert data_parallel_reason(SimpleNamespace(parallel_mode=mode, n_gpu=1)) is None
+    assert data_parallel_reason(None) is None

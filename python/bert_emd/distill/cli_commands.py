@@ -430,11 +430,18 @@ def _distill(args: argparse.Namespace, rest: list[str]) -> dict[str, Any]:
     from transformers import set_seed
 
     from .students import count_parameters, freeze_word_embeddings, load_model
-    from .trainer import DistillationTrainer, fsdp_unsupported_reason, unsynchronised_ranks_reason
+    from .trainer import (
+        DistillationTrainer,
+        data_parallel_reason,
+        deepspeed_unsupported_reason,
+        fsdp_unsupported_reason,
+        unsynchronised_ranks_reason,
+    )
 
     t0 = time.time()
     targs, data, tokenizer, tok = _prepare_training("distill", args, rest, args.teacher)
-    for check in (fsdp_unsupported_reason, unsynchronised_ranks_reason):  # before loading any model
+    checks = (fsdp_unsupported_reason, deepspeed_unsupported_reason, unsynchronised_ranks_reason, data_parallel_reason)
+    for check in checks:  # before loading any model
         if (reason := check(targs)) is not None:
             raise SystemExit(f"bert-emd distill: {reason}")
     # post-softmax maps from the models need eager attention; the fused path reads Q and K instead

@@ -46,6 +46,8 @@ __all__ = [
     "TRANSPORT_NAME",
     "DistillationTrainer",
     "atomic_save",
+    "data_parallel_reason",
+    "deepspeed_unsupported_reason",
     "fsdp_unsupported_reason",
     "unsynchronised_ranks_reason",
     "loss_weights",
@@ -93,14 +95,7 @@ def fsdp_unsupported_reason(args: Any = None, *, fsdp_enabled: bool = False) -> 
     plugin altogether (gloo processes are ``MULTI_CPU``, never ``FSDP``), so a CPU "FSDP" run would
     silently be a DDP run.
     """
-    requested = bool(fsdp_enabled) or bool(getattr(args, "fsdp", None))
-    if not requested:
-        try:
-            from accelerate.utils import parse_flag_from_env
-
-            requested = parse_flag_from_env("ACCELERATE_USE_FSDP", default=False)
-        except ImportError:  # pragma: no cover - accelerate is a Trainer dependency
-            requested = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes", "on")
+    requested = bool(fsdp_enabled) or bool(getattr(args, "fsdp", None)) or _env_flag("ACCELERATE_USE_FSDP")
     if not requested:
         return None
     return (
@@ -109,6 +104,57 @@ def fsdp_unsupported_reason(args: Any = None, *, fsdp_enabled: bool = False) -> 
         "student and join its optimizer, which accelerate's FSDP preparation cannot map to sharded "
         "parameters. Use DDP instead: torchrun --nproc_per_node=K -m bert_emd.cli distill ... (or "
         "accelerate launch --multi_gpu ...) without --fsdp / --use_fsdp"
+    )
+
+
+def _env_flag(name: str) -> bool:
+    try:
+        from accelerate.utils import parse_flag_from_env
+
+        return bool(parse_flag_from_env(name, default=False))
+    except ImportError:  # pragma: no cover - accelerate is a Trainer dependency
+        return os.environ.get(name, "false").lower() in ("1", "true", "yes", "on")
+
+
+def deepspeed_unsupported_reason(args: Any = None) -> str | None:
+    """Why this distillation run cannot go on, if DeepSpeed was requested (``args.deepspeed``,
+    ``--deepspeed ds_config.json``, or ``accelerate launch --use_deepspeed`` / an accelerate config
+    setting ``ACCELERATE_USE_DEEPSPEED``); ``None`` otherwise.
+
+    Why not (untested, and known to break): DeepSpeed casts the student to bf16/fp16 itself and
+    runs without autocast, so half-precision hidden states would meet the loss's fp32 projection;
+    the projection lives outside the student (ZeRO-3 cannot own it) and its gradient clipping is
+    the Trainer's, which DeepSpeed replaces. DDP (``torchrun`` / ``accelerate launch --multi_gpu``)
+    with ``--bf16`` is the tested path.
+    """
+    if not (getattr(args, "deepspeed", None) or _env_flag("ACCELERATE_USE_DEEPSPEED")):
+        return None
+    return (
+        "distillation does not support DeepSpeed (requested through --deepspeed, or accelerate launch "
+        "--use_deepspeed / ACCELERATE_USE_DEEPSPEED): DeepSpeed casts the student to half precision without "
+        "autocast and cannot own the BERT-EMD loss's projection, which lives outside the student. Use DDP "
+        "instead: torchrun --nproc_per_node=K -m bert_emd.cli distill ... --bf16 (or accelerate launch --multi_gpu)"
+    )
+
+
+def data_parallel_reason(args: Any) -> str | None:
+    """Why this run cannot go on, if one process would drive several GPUs (``nn.DataParallel``: the
+    Trainer's choice when a plain ``python`` run sees more than one GPU); ``None`` otherwise.
+
+    Under DataParallel the replicas share the score hooks' capture lists (each replica's pre-hook
+    clears the others' captures: wrong or failing attention costs) and the multi-task model's list
+    outputs cannot be gathered. One process per GPU (DDP) is the supported and faster layout.
+    """
+    from transformers.training_args import ParallelMode
+
+    if getattr(args, "parallel_mode", None) != ParallelMode.NOT_DISTRIBUTED:
+        return None
+    n = getattr(args, "n_gpu", "several")
+    return (
+        f"one process sees {n} GPUs, so the Trainer would wrap the model in torch.nn.DataParallel, which "
+        "bert-emd does not support (the replicas share the attention hooks' captures). Launch one process per "
+        f"GPU: torchrun --nproc_per_node={n} -m bert_emd.cli ... (or accelerate launch --multi_gpu), or make one "
+        "GPU visible (CUDA_VISIBLE_DEVICES=0)"
     )
 
 
@@ -247,8 +293,9 @@ class DistillationTrainer(Trainer):
                  distill_loss: nn.Module, **kwargs: Any) -> None:
         if teacher is None or distill_loss is None:
             raise ValueError("DistillationTrainer needs both teacher= and distill_loss=")
-        if (reason := fsdp_unsupported_reason(args)) is not None:
-            raise ValueError(reason)
+        for check in (fsdp_unsupported_reason, deepspeed_unsupported_reason):
+            if (reason := check(args)) is not None:
+                raise ValueError(reason)
         self.teacher = teacher
         self.distill_loss = distill_loss
         self._parts_sum: dict[str, Tensor] = {}
@@ -257,8 +304,13 @@ class DistillationTrainer(Trainer):
         # an accelerator that runs FSDP although neither args nor the environment asked for it
         if (reason := fsdp_unsupported_reason(fsdp_enabled=getattr(self, "is_fsdp_enabled", False))) is not None:
             raise ValueError(reason)
-        if (reason := unsynchronised_ranks_reason(self.args)) is not None:
-            raise ValueError(reason)
+        for check in (unsynchronised_ranks_reason, data_parallel_reason):
+            if (reason := check(self.args)) is not None:
+                raise ValueError(reason)
+        # transformers 5 sees BERT's forward(**kwargs) as accepting loss kwargs and would count (and,
+        # under DDP, all-gather) the labels of every micro-batch for a num_items_in_batch that the
+        # distillation loss, a per-batch mean (loss_is_scaled_for_ga = False), never reads
+        self.model_accepts_loss_kwargs = False
         self.teacher.eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)

@@ -37,7 +37,12 @@ from torch import Tensor, nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from transformers import Trainer
 
-from ..distill.trainer import DistillationTrainer, mean_over_processes, unsynchronised_ranks_reason
+from ..distill.trainer import (
+    DistillationTrainer,
+    data_parallel_reason,
+    mean_over_processes,
+    unsynchronised_ranks_reason,
+)
 from .distill import MultiTaskEMDLoss, TeacherSet, distillation_step
 from .model import MultiTaskModel
 from .samplers import MultiTaskBatchSampler, TaskSampler
@@ -614,8 +619,9 @@ class MultiTaskTrainer(_MultiTaskMixin, Trainer):
         super().__init__(model=model, args=args, train_dataset=self.concat(train_sets, model),
                          data_collator=collator, **kwargs)
         # (the distillation trainer checks this in DistillationTrainer.__init__)
-        if (reason := unsynchronised_ranks_reason(self.args)) is not None:
-            raise ValueError(reason)
+        for check in (unsynchronised_ranks_reason, data_parallel_reason):
+            if (reason := check(self.args)) is not None:
+                raise ValueError(reason)
         self._setup_mtl(train_sets, eval_sets, sampler, collator, tasks_per_step)
 
     def compute_loss(
