@@ -362,6 +362,35 @@ def test_cuda_capacity_fallback_routes_to_cpu(monkeypatch, rng):
     torch.testing.assert_close(C.grad, exp.plan)
 
 
+def test_cuda_tensors_without_cuda_kernels_use_the_cpu_kernel_on_the_host(monkeypatch, rng):
+    # A GPU machine whose bert_emd._C was built without nvcc: `auto` would fall to the Python
+    # reference (a simplex per problem, a host read per pivot); emd copies the problems to the
+    # host for the C++ kernel instead. The decision, on this machine's real build:
+    from bert_emd import _backends, _ext
+
+    want = _ext.has_extension() and not _ext.built_with_cuda()
+    assert _backends.host_fallback("emd", "cuda") is want
+    assert _backends.host_fallback("emd", "cpu") is False
+    assert _backends.host_fallback("layer_costs", "cuda") is False  # Triton or the torch ops there
+    if not _ext.has_extension():
+        pytest.skip("the routing needs the C++ CPU kernel")
+    # the routing, exercised on CPU tensors by pretending the device had no kernel
+    import bert_emd.ops.emd as emd_mod
+
+    monkeypatch.setattr(emd_mod._backends, "host_fallback", lambda op, dev: op == "emd")
+    C = torch.rand(3, 4, 12, generator=rng, dtype=torch.float64, requires_grad=True)
+    with pytest.warns(UserWarning, match="no CUDA kernels"):
+        res = emd(C)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        emd(C.detach(), backend="cpu")  # an explicit backend is taken as asked
+    monkeypatch.undo()
+    exp = emd(C.detach())
+    torch.testing.assert_close(res.plan, exp.plan)
+    res.cost.sum().backward()
+    torch.testing.assert_close(C.grad, exp.plan)
+
+
 def test_invalid_status_is_raised_with_the_precise_message():
     # the CUDA kernel reports invalid input as status INVALID; the wrapper re-checks the inputs
     # on that error path to raise the same message the CPU kernel raises

@@ -126,6 +126,16 @@ def _select(op: str, backend: str, dev: str) -> str:
     return backend
 
 
+def host_fallback(op: str, device_type: str) -> bool:
+    """``auto`` for ``op`` on ``device_type`` tensors would fall to the pure-PyTorch reference
+    although the C++ CPU kernel is built (``bert_emd._C`` without CUDA kernels on a GPU machine:
+    pip built it without nvcc). For ``emd`` the reference is a Python simplex per problem with a
+    host read per pivot, so ``bert_emd.emd`` then copies the problems to the host, solves them with
+    the CPU kernel and copies the results back (with a warning) instead."""
+    return (op == "emd" and device_type != "cpu" and select(op, "auto", torch.device(device_type)) == "torch"
+            and unavailable_reason(op, "cpu", "cpu") is None)
+
+
 def explain(device_type: str) -> dict[str, dict[str, str | None]]:
     """{op: {backend: reason-or-None}} for ``device_type`` (used by ``bert-emd info``)."""
     out: dict[str, dict[str, str | None]] = {}

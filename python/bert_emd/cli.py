@@ -58,6 +58,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         for op, reasons in table.items():
             order = _backends._OP_BACKENDS[op].get(dev, ())
             auto = _backends.select(op, "auto", torch.device(dev))
+            if _backends.host_fallback(op, dev):
+                auto = "cpu kernel on the host (inputs copied there and back: no CUDA kernel built)"
             print(f"  {op}: auto -> {auto}   (order: {', '.join(order)})")
             for backend, why in reasons.items():
                 mark = "usable" if why is None else f"no: {why}"

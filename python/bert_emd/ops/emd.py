@@ -178,7 +178,13 @@ def emd(
             raise ValueError(f"emd: max_iter must be >= 0, got {max_iter}")
         name = _backends.select("emd", backend, cost.device)
         if name == "cuda" and cost.shape[-2] + cost.shape[-1] > _ext.cuda_max_nodes():
-            return _emd_on_cpu(cost, a, b, max_iter, validate)
+            return _emd_on_cpu(cost, a, b, max_iter, validate,
+                               f"problems of size {cost.shape[-2]}x{cost.shape[-1]} exceed the CUDA kernel's "
+                               f"capacity (M + N <= {_ext.cuda_max_nodes()})")
+        if backend == "auto" and _backends.host_fallback("emd", cost.device.type):
+            return _emd_on_cpu(cost, a, b, max_iter, validate,
+                               "bert_emd._C has no CUDA kernels (built without nvcc; rebuild with CUDA for the "
+                               "GPU kernel)")
         op = _exact_op(name)
         args = (cost, a, b, int(max_iter), bool(validate))
         if torch.compiler.is_compiling() or (torch.is_grad_enabled() and _any_requires_grad(cost, a, b)):
@@ -202,15 +208,11 @@ def emd(
 
 
 
-def _emd_on_cpu(cost, a, b, max_iter: int, validate: bool) -> EMDResult:
-    """Problems beyond the CUDA kernel's capacity: solve on the CPU, return on cost's device
-    (differentiable: the device copies are autograd-aware)."""
-    warnings.warn(
-        f"emd: problems of size {cost.shape[-2]}x{cost.shape[-1]} exceed the CUDA kernel's capacity "
-        f"(M + N <= {_ext.cuda_max_nodes()}); solving them with the CPU kernel",
-        UserWarning,
-        stacklevel=3,
-    )
+def _emd_on_cpu(cost, a, b, max_iter: int, validate: bool, why: str) -> EMDResult:
+    """Problems the device cannot solve (``why``: beyond the CUDA kernel's capacity, or no CUDA
+    kernel built): solve on the CPU, return on cost's device (differentiable: the device copies
+    are autograd-aware)."""
+    warnings.warn(f"emd: {why}; solving them with the CPU kernel", UserWarning, stacklevel=3)
     host = [None if t is None else t.cpu() for t in (cost, a, b)]
     cpu_backend = "cpu" if _ext.has_extension() else "torch"
     res = emd(host[0], host[1], host[2], max_iter=max_iter, validate=validate, backend=cpu_backend)
