@@ -431,6 +431,32 @@ def test_bf16_autocast_close_to_fp32():
     assert abs(vals[0] - vals[1]) < 0.05 * abs(vals[0])
 
 
+def test_bf16_outputs_without_autocast_meet_the_fp32_projection():
+    # a bfloat16 model run without autocast (or a DeepSpeed-style half-precision student) hands the
+    # loss bf16 hidden states: the fp32 projection takes them (cast), and the loss equals the one
+    # computed from the same states cast to fp32 beforehand
+    from transformers.modeling_outputs import SequenceClassifierOutput
+
+    student, teacher = tiny_bert(32, 2, seed=1), tiny_bert(48, 4, seed=2).eval()
+    ids, mask, y = make_batch(0)
+    so, to = run(student, ids, mask, True), run(teacher, ids, mask, True)
+
+    def cast(out, dtype):
+        return SequenceClassifierOutput(logits=out.logits.to(dtype),
+                                        hidden_states=tuple(h.to(dtype) for h in out.hidden_states),
+                                        attentions=tuple(a.to(dtype) for a in out.attentions))
+
+    vals = []
+    for first in (torch.bfloat16, torch.float32):  # the bf16 states themselves, then cast up front
+        torch.manual_seed(0)
+        loss_fn = BertEMDLoss(2, 4, 32, 48, beta=1.0)
+        s_out = cast(cast(so, torch.bfloat16), first)
+        total, _ = loss_fn(s_out, cast(to, torch.bfloat16), labels=y, attention_mask=mask)
+        assert total.dtype == torch.float32 and torch.isfinite(total)
+        vals.append(float(total.detach()))
+    assert vals[0] == pytest.approx(vals[1], rel=1e-5)
+
+
 def test_loss_falls_when_training():
     student, teacher = tiny_bert(32, 2, seed=11, init=0.05), tiny_bert(48, 4, seed=12, init=0.3).eval()
     loss_fn = BertEMDLoss.from_models(student, teacher, attention_source="scores", beta=1.0)

@@ -33,7 +33,8 @@ gradients are averaged over ranks in backward (the loss is outside the student's
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -426,7 +427,11 @@ class MultiTaskEMDLoss(nn.Module):
                         f"task {item.task!r}: student hidden states {tuple(hs_s[0].shape)} and teacher "
                         f"{tuple(hs_t[0].shape)} differ in batch or sequence length"
                     )
-                proj = self.projections[self.groups[item.task]]
+                lin = self.projections[self.groups[item.task]]
+
+                def proj(h: Tensor, lin: nn.Linear = lin) -> Tensor:  # bf16/fp16 states meet fp32 weights
+                    return lin(h.to(lin.weight.dtype))
+
                 if self.use_hidden:
                     d = layer_costs(
                         [proj(h) for h in hs_s[1:]], hs_t[1:], mask=mask, backend=self._backend("layer_costs")
@@ -649,6 +654,7 @@ def distillation_step(
     batches: Sequence[Mapping[str, Any]],
     *,
     progress: float = 0.0,
+    teacher_context: Callable[[], AbstractContextManager[Any]] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor], list[Any]]:
     """One multi-task distillation step: student and teacher on every task batch, then the loss
     (one batched EMD solve for all of them), then -- with ``hierarchy_mode="emd"`` -- the student's
@@ -665,6 +671,8 @@ def distillation_step(
         batches: task batches, each a mapping with ``task`` (name or index), ``input_ids``,
             ``attention_mask``, optional ``token_type_ids`` and ``labels``.
         progress: training progress in [0, 1] (teacher annealing).
+        teacher_context: a context for the teachers' forwards (the trainer's mixed-precision
+            autocast); the loss itself runs outside it, in fp32, as the single-task loss does.
     Returns:
         (loss [], parts, the student's outputs per batch).
     """
@@ -678,7 +686,7 @@ def distillation_step(
     s_qk: Sequence[Sequence[QK] | None] = loss_fn.student_queries_keys(len(outs)) if hooked else [None] * len(outs)
     items = []
     for task, f, b, s_out, qk in zip(tasks, feeds, batches, outs, s_qk):
-        with torch.no_grad():
+        with torch.no_grad(), (teacher_context() if teacher_context is not None else nullcontext()):
             t_out = teachers(task, f, output_attentions=want_att)
         # read now: the teacher's next call (another task batch) replaces its captures
         t_qk = loss_fn.teacher_queries_keys(task) if hooked else None

@@ -684,9 +684,11 @@ class MultiTaskDistillationTrainer(_MultiTaskMixin, DistillationTrainer):
         batches = inputs["task_batches"]
         self._log_step_tasks(batches)
         assert isinstance(self.distill_loss, MultiTaskEMDLoss) and isinstance(self.teacher, TeacherSet)
-        with self._teacher_autocast():
-            loss, parts, outs = distillation_step(student if model is student else _Wrapped(model, student),
-                                                  self.teacher, self.distill_loss, batches, progress=self._progress())
+        # mixed precision: the student's forward is autocast by its accelerate wrapper, the teachers'
+        # here; the loss (projections, costs, EMD) stays in fp32, as in single-task distillation
+        loss, parts, outs = distillation_step(student if model is student else _Wrapped(model, student),
+                                              self.teacher, self.distill_loss, batches, progress=self._progress(),
+                                              teacher_context=self._teacher_autocast)
         for k, v in parts.items():
             if "/" in k and k.endswith("/total"):
                 self._record(k.split("/")[0], v)

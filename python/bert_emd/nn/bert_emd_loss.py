@@ -397,7 +397,8 @@ class BertEMDLoss(nn.Module):
                     f"student hidden states {tuple(hs_s[0].shape)} and teacher {tuple(hs_t[0].shape)} differ "
                     "in batch or sequence length: feed both models the same tokenised batch"
                 )
-            proj_s = [self.projection(h) for h in hs_s]
+            # half-precision hidden states (a bf16 model run without autocast) meet the fp32 projection
+            proj_s = [self.projection(h.to(self.projection.weight.dtype)) for h in hs_s]
             hs_t = [h.detach() for h in hs_t]
             zero = proj_s[0].new_zeros((), dtype=torch.float32)
         att_term = hid_term = emb_term = None
