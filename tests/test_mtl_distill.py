@@ -237,3 +237,37 @@ def test_errors_are_clear():
         MultiTaskEMDLoss(ts, 2, D, {"t0": 3}, {"t0": D})
     ca = CostAttention(2, 3)
     assert ca.student_weight.sum() == 1  # sanity of the imported rule
+
+
+@pytest.mark.parametrize("with_labels", [True, False])
+def test_tagging_prediction_weights_tokens_instead_of_indexing(rng, with_labels):
+    """The tagging prediction term equals prediction_loss over the counted tokens (boolean indexed),
+    computed with a 0/1 token weight (no host sync on a GPU); a batch without a counted token gives
+    0 with a zero gradient."""
+    from bert_emd.nn.bert_emd_loss import prediction_loss
+
+    ts = [TaskSpec("tag", "tagging", 4, data={"train": "x.jsonl"})]
+    loss = MultiTaskEMDLoss(ts, 2, D, {"tag": 2}, {"tag": D}, gold_weight=0.3, use_attention=False,
+                            use_hidden=False, use_embedding=False, temperature=2.0)
+    s = torch.randn(3, 7, 4, generator=rng, requires_grad=True)
+    t = torch.randn(3, 7, 4, generator=rng)
+    labels = torch.randint(0, 4, (3, 7), generator=rng)
+    labels[0, 5:] = -100
+    labels[2, :3] = -100
+    am = (labels != -100).long()
+    item = TaskDistillInput("tag", {"logits": s}, {"logits": t}, labels=labels if with_labels else None,
+                            attention_mask=am)
+    got, _ = loss([item])
+    keep = labels != -100
+    want, _, _ = prediction_loss(s[keep], t[keep], labels[keep] if with_labels else None, temperature=2.0,
+                                 alpha=0.7 if with_labels else 1.0)
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    g_got, = torch.autograd.grad(got, s)
+    g_want, = torch.autograd.grad(want, s)
+    torch.testing.assert_close(g_got, g_want)
+    none = torch.full((3, 7), -100)
+    empty = TaskDistillInput("tag", {"logits": s}, {"logits": t}, labels=none if with_labels else None,
+                             attention_mask=torch.zeros(3, 7, dtype=torch.long))
+    zero, _ = loss([empty])
+    assert zero.item() == 0.0
+    assert torch.count_nonzero(torch.autograd.grad(zero, s)[0]) == 0

@@ -383,18 +383,34 @@ class MultiTaskEMDLoss(nn.Module):
         labels = item.labels
         kind = "regression" if spec.is_regression else "classification"
         if spec.is_tagging:
-            if labels is not None:
-                keep = labels != -100
-            elif item.attention_mask is not None:
-                keep = item.attention_mask.bool()
-            else:
-                keep = torch.ones(s.shape[:2], dtype=torch.bool, device=s.device)
-            s, t = s[keep], t[keep]
-            labels = labels[keep] if labels is not None else None
-            if s.shape[0] == 0:
-                return _get(item.student, "logits").float().sum() * 0.0
+            return self._tagging_prediction(s, t, labels, item.attention_mask, g)
         loss, _, _ = prediction_loss(s, t, labels, temperature=self.temperature, alpha=1.0 - g, task=kind)
         return loss
+
+    def _tagging_prediction(self, s: Tensor, t: Tensor, labels: Tensor | None, attention_mask: Tensor | None,
+                            g: float) -> Tensor:
+        """``prediction_loss`` over the tokens that count (labelled ones; without labels, the real
+        ones), from logits [B, L, C] and labels [B, L] (-100: none): (1 - g) T^2 mean_{tokens, classes}
+        of the soft cross-entropy + g mean_tokens CE(labels). Weighted by a 0/1 token mask instead of
+        indexed by it, so nothing waits for the device (boolean indexing reads the count back); 0
+        without a token that counts."""
+        if labels is not None:
+            keep = labels != -100
+        elif attention_mask is not None:
+            keep = attention_mask.bool()
+        else:
+            keep = torch.ones(s.shape[:2], dtype=torch.bool, device=s.device)
+        C, T = s.shape[-1], self.temperature
+        sf, tf = s.float().reshape(-1, C), t.detach().float().reshape(-1, C)
+        w = keep.reshape(-1).to(sf.dtype)
+        n = w.sum().clamp_min(1.0)
+        ce = -(torch.softmax(tf / T, -1) * torch.log_softmax(sf / T, -1)).sum(-1)  # [B L]
+        soft = (ce * w).sum() / (n * C) * T**2
+        if labels is None:
+            return soft
+        target = torch.where(keep, labels, torch.full_like(labels, -100)).reshape(-1)
+        gold = F.cross_entropy(sf, target, ignore_index=-100, reduction="sum") / n
+        return (1.0 - g) * soft + g * gold
 
     # ------------------------------------------------------------------ forward
     def forward(self, items: Sequence[TaskDistillInput], progress: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
