@@ -121,18 +121,18 @@ def deepspeed_unsupported_reason(args: Any = None) -> str | None:
     ``--deepspeed ds_config.json``, or ``accelerate launch --use_deepspeed`` / an accelerate config
     setting ``ACCELERATE_USE_DEEPSPEED``); ``None`` otherwise.
 
-    Why not (untested, and known to break): DeepSpeed casts the student to bf16/fp16 itself and
-    runs without autocast, so half-precision hidden states would meet the loss's fp32 projection;
-    the projection lives outside the student (ZeRO-3 cannot own it) and its gradient clipping is
-    the Trainer's, which DeepSpeed replaces. DDP (``torchrun`` / ``accelerate launch --multi_gpu``)
+    Why not (untested): the DeepSpeed engine owns the student's parameters and optimizer (ZeRO
+    partitions both) and replaces the Trainer's gradient clipping, while the loss's projection
+    lives outside the student and joins its optimizer; the engine also casts the student to
+    bf16/fp16 and runs without autocast. DDP (``torchrun`` / ``accelerate launch --multi_gpu``)
     with ``--bf16`` is the tested path.
     """
     if not (getattr(args, "deepspeed", None) or _env_flag("ACCELERATE_USE_DEEPSPEED")):
         return None
     return (
         "distillation does not support DeepSpeed (requested through --deepspeed, or accelerate launch "
-        "--use_deepspeed / ACCELERATE_USE_DEEPSPEED): DeepSpeed casts the student to half precision without "
-        "autocast and cannot own the BERT-EMD loss's projection, which lives outside the student. Use DDP "
+        "--use_deepspeed / ACCELERATE_USE_DEEPSPEED): its engine owns the student's parameters and optimizer, "
+        "but the BERT-EMD loss's projection lives outside the student and joins that optimizer. Use DDP "
         "instead: torchrun --nproc_per_node=K -m bert_emd.cli distill ... --bf16 (or accelerate launch --multi_gpu)"
     )
 
