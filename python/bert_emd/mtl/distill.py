@@ -390,27 +390,19 @@ class MultiTaskEMDLoss(nn.Module):
     def _tagging_prediction(self, s: Tensor, t: Tensor, labels: Tensor | None, attention_mask: Tensor | None,
                             g: float) -> Tensor:
         """``prediction_loss`` over the tokens that count (labelled ones; without labels, the real
-        ones), from logits [B, L, C] and labels [B, L] (-100: none): (1 - g) T^2 mean_{tokens, classes}
-        of the soft cross-entropy + g mean_tokens CE(labels). Weighted by a 0/1 token mask instead of
-        indexed by it, so nothing waits for the device (boolean indexing reads the count back); 0
-        without a token that counts."""
+        ones) of logits [B, L, C] and labels [B, L] (-100: none), one row per token, the others
+        weighted 0 rather than indexed away (no host read on a GPU); 0 without a token that counts."""
         if labels is not None:
             keep = labels != -100
         elif attention_mask is not None:
             keep = attention_mask.bool()
         else:
             keep = torch.ones(s.shape[:2], dtype=torch.bool, device=s.device)
-        C, T = s.shape[-1], self.temperature
-        sf, tf = s.float().reshape(-1, C), t.detach().float().reshape(-1, C)
-        w = keep.reshape(-1).to(sf.dtype)
-        n = w.sum().clamp_min(1.0)
-        ce = -(torch.softmax(tf / T, -1) * torch.log_softmax(sf / T, -1)).sum(-1)  # [B L]
-        soft = (ce * w).sum() / (n * C) * T**2
-        if labels is None:
-            return soft
-        target = torch.where(keep, labels, torch.full_like(labels, -100)).reshape(-1)
-        gold = F.cross_entropy(sf, target, ignore_index=-100, reduction="sum") / n
-        return (1.0 - g) * soft + g * gold
+        C = s.shape[-1]
+        loss, _, _ = prediction_loss(s.reshape(-1, C), t.reshape(-1, C), None if labels is None else labels.reshape(-1),
+                                     temperature=self.temperature, alpha=1.0 - g, task="classification",
+                                     weight=keep.reshape(-1))
+        return loss
 
     # ------------------------------------------------------------------ forward
     def forward(self, items: Sequence[TaskDistillInput], progress: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:

@@ -43,6 +43,7 @@ def prediction_loss(
     alpha: float = 0.8,
     task: Literal["auto", "classification", "regression"] = "auto",
     reduction: Literal["mean", "batchmean"] = "mean",
+    weight: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Prediction-layer distillation loss of the original (``distillation_loss``).
 
@@ -57,6 +58,9 @@ def prediction_loss(
         student_logits: [B, C] (or [B] / [B, 1] for regression).
         teacher_logits: same shape; treated as a constant.
         labels: [B] class indices or regression targets, or None.
+        weight: optional [B] 0/1 weights of the rows (classification): the means run over the
+            rows of weight 1 only, as if the others were indexed away -- without the host read
+            boolean indexing costs on a GPU (tagging: one row per token); 0 if no row counts.
     Returns:
         (loss [], soft [], gold [] or None), fp32.
     """
@@ -65,13 +69,26 @@ def prediction_loss(
         raise ValueError(f"student logits {tuple(s.shape)} and teacher logits {tuple(t.shape)} differ")
     regression = task == "regression" or (task == _AUTO and (s.dim() == 1 or s.shape[-1] == 1))
     if regression:
+        if weight is not None:
+            raise ValueError("prediction_loss: weight is for classification rows")
         soft = F.mse_loss(s.reshape(-1), t.reshape(-1))
         gold = None if labels is None else F.mse_loss(s.reshape(-1), labels.float().reshape(-1))
-    else:
+    elif weight is None:
         ce = -(torch.softmax(t / temperature, -1) * torch.log_softmax(s / temperature, -1))
         ce = ce.mean() if reduction == "mean" else ce.sum(-1).mean()
         soft = ce * temperature**2
         gold = None if labels is None else F.cross_entropy(s.reshape(-1, s.shape[-1]), labels.reshape(-1))
+    else:
+        C = s.shape[-1]
+        w = weight.reshape(-1).to(s.dtype)
+        rows = w.sum().clamp_min(1.0)
+        ce = -(torch.softmax(t / temperature, -1) * torch.log_softmax(s / temperature, -1)).reshape(-1, C).sum(-1)
+        soft = (ce * w).sum() / (rows * (C if reduction == "mean" else 1)) * temperature**2
+        if labels is None:
+            gold = None
+        else:
+            target = torch.where(w > 0, labels.reshape(-1), torch.full_like(labels.reshape(-1), -100))
+            gold = F.cross_entropy(s.reshape(-1, C), target, ignore_index=-100, reduction="sum") / rows
     loss = soft if gold is None else alpha * soft + (1.0 - alpha) * gold
     return loss, soft, gold
 
