@@ -374,9 +374,13 @@ def test_cuda_tensors_without_cuda_kernels_use_the_cpu_kernel_on_the_host(monkey
     assert _backends.host_fallback("layer_costs", "cuda") is False  # Triton or the torch ops there
     if not _ext.has_extension():
         pytest.skip("the routing needs the C++ CPU kernel")
-    # the routing, exercised on CPU tensors by pretending the device had no kernel
+    # the routing, exercised on CPU tensors by pretending the device had no kernel (auto resolves
+    # to the torch reference, and the host route applies)
     import bert_emd.ops.emd as emd_mod
 
+    select = emd_mod._backends.select
+    monkeypatch.setattr(emd_mod._backends, "select",
+                        lambda op, backend, device: "torch" if backend == "auto" else select(op, backend, device))
     monkeypatch.setattr(emd_mod._backends, "host_fallback", lambda op, dev: op == "emd")
     C = torch.rand(3, 4, 12, generator=rng, dtype=torch.float64, requires_grad=True)
     with pytest.warns(UserWarning, match="no CUDA kernels"):

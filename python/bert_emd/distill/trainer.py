@@ -48,6 +48,7 @@ __all__ = [
     "atomic_save",
     "data_parallel_reason",
     "deepspeed_unsupported_reason",
+    "distributed_world",
     "fsdp_unsupported_reason",
     "unsynchronised_ranks_reason",
     "loss_weights",
@@ -158,6 +159,16 @@ def data_parallel_reason(args: Any) -> str | None:
     )
 
 
+def distributed_world() -> tuple[int, int] | None:
+    """(rank, world size) of the default ``torch.distributed`` process group, or None without one
+    (or with a single process)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return None
+    return dist.get_rank(), dist.get_world_size()
+
+
 def unsynchronised_ranks_reason(args: Any) -> str | None:
     """Why this run cannot go on, if several processes share a ``torch.distributed`` process group
     but the Trainer runs each of them alone; ``None`` otherwise.
@@ -166,17 +177,17 @@ def unsynchronised_ranks_reason(args: Any) -> str | None:
     warning and every rank trains its own copy of the student into the same output folder, while
     the loss's collectives still mix their layer weights: silently wrong results.
     """
-    import torch.distributed as dist
     from transformers.training_args import ParallelMode
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+    world = distributed_world()
+    if world is None:
         return None
     mode = getattr(args, "parallel_mode", None)
     if mode in (ParallelMode.DISTRIBUTED, ParallelMode.SAGEMAKER_DATA_PARALLEL, ParallelMode.TPU):
         return None
     name = getattr(mode, "value", mode)
     return (
-        f"{dist.get_world_size()} processes share a torch.distributed process group, but the Trainer runs each of "
+        f"{world[1]} processes share a torch.distributed process group, but the Trainer runs each of "
         f"them alone (parallel mode {name!r}): every rank would train its own copy. On CPU pass --use_cpu True "
         "(gloo DDP); with GPUs make one visible to every rank"
     )
@@ -470,7 +481,7 @@ def _broadcast_state(module: nn.Module) -> None:
     the loss lives outside the student's DDP/FSDP wrapper, which only syncs the student."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if distributed_world() is None:
         return
     with torch.no_grad():
         for t in module.state_dict().values():

@@ -40,6 +40,7 @@ from transformers import Trainer
 from ..distill.trainer import (
     DistillationTrainer,
     data_parallel_reason,
+    distributed_world,
     mean_over_processes,
     unsynchronised_ranks_reason,
 )
@@ -278,16 +279,6 @@ def eval_shard(n: int, rank: int, world_size: int) -> range:
     return range(min(n, rank * k), min(n, (rank + 1) * k))
 
 
-def _distributed_group() -> tuple[int, int] | None:
-    """(rank, world size) of the default ``torch.distributed`` process group, or None without one
-    (or with a single process)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
-        return None
-    return dist.get_rank(), dist.get_world_size()
-
-
 @torch.no_grad()
 def evaluate_tasks(
     model: MultiTaskModel,
@@ -323,7 +314,7 @@ def evaluate_tasks(
     was_training = model.training
     model.eval()
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    group = _distributed_group() if distributed else None
+    group = distributed_world() if distributed else None
     out: dict[str, Any] = {"tasks": {}}
     # per task: the logits and labels of each batch ([B, C] / [B, L, C], [B] / [B, L] numpy) and the
     # sum over batches of (batch loss x batch size)

@@ -181,7 +181,7 @@ def emd(
             return _emd_on_cpu(cost, a, b, max_iter, validate,
                                f"problems of size {cost.shape[-2]}x{cost.shape[-1]} exceed the CUDA kernel's "
                                f"capacity (M + N <= {_ext.cuda_max_nodes()})")
-        if backend == "auto" and _backends.host_fallback("emd", cost.device.type):
+        if name == "torch" and backend == "auto" and _backends.host_fallback("emd", cost.device.type):
             return _emd_on_cpu(cost, a, b, max_iter, validate,
                                "bert_emd._C has no CUDA kernels (built without nvcc; rebuild with CUDA for the "
                                "GPU kernel)")
