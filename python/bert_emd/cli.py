@@ -90,6 +90,8 @@ def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bert-emd", description=__doc__)
+    p.add_argument("--debug", action="store_true",
+                   help=f"show the traceback of a user error instead of one line (or set {DEBUG_ENV}=1)")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, built kernels, usable backends and why others are not")
     b = sub.add_parser("bench", help="kernel micro-benchmarks (extra flags go to the script, e.g. --quick)")
@@ -105,12 +107,43 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+DEBUG_ENV = "BERT_EMD_DEBUG"
+
+
 def main(argv: list[str] | None = None) -> int:
     """``bert-emd``: run one command; in a distributed run (torchrun / accelerate launch) tear the
-    process group down once it has finished on every rank."""
-    code = _main(argv)
+    process group down once it has finished on every rank.
+
+    A :class:`bert_emd.errors.UsageError` (a mistake in what the user asked for) is printed as one
+    line, ``bert-emd <command>: error: <message>``, with exit status 2; ``--debug`` (anywhere on
+    the command line) or ``BERT_EMD_DEBUG=1`` shows its traceback instead. Other exceptions are
+    bugs and propagate with their traceback."""
+    from .errors import UsageError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        code = _main(argv)
+    except UsageError as err:
+        if debug:
+            raise
+        print(f"{_command_name(argv)}: error: {err}", file=sys.stderr)
+        return 2
     _end_distributed()
     return code
+
+
+def _command_name(argv: list[str]) -> str:
+    """``bert-emd`` plus the (sub)command words of ``argv``, for one-line error messages."""
+    words = ["bert-emd"]
+    for a in argv:
+        if a.startswith("-"):
+            break
+        words.append(a)
+        if a != "mtl" or len(words) > 2:
+            break
+    return " ".join(words)
 
 
 def _end_distributed() -> None:
