@@ -1,109 +1,104 @@
-"""Build of bert-emd: the pure-Python packages and the compiled extension bert_emd._C.
+"""Build of bert-emd: the pure-Python packages, the C++/CUDA sources, and (when torch is
+importable at build time) the compiled extension bert_emd._C.
 
-Switches (environment variables):
+A plain ``pip install .`` builds in an isolated environment without torch: the wheel is then
+pure Python and carries the sources as ``bert_emd/_csrc``; the kernels are compiled for the
+user's own torch on first use (``bert_emd._ext``) or by ``bert-emd build``. With torch importable
+(``pip install --no-build-isolation .``, ``make install``) the extension is built here, ahead of
+time, against that torch, and ``_C.build.json`` beside it records which torch that was.
+
+Switches (environment variables), for both kinds of build:
   BERT_EMD_FORCE_CPU=1   build the CPU kernels only, even where CUDA is available.
   FORCE_CUDA=1           build the CUDA kernels even if no GPU is visible (needs nvcc and a
                          CUDA build of torch).
-  TORCH_CUDA_ARCH_LIST   GPU architectures, default "8.0;9.0".
+  TORCH_CUDA_ARCH_LIST   GPU architectures, default "8.0;9.0" ahead of time.
   MAX_JOBS               parallel compile jobs (default: number of CPUs, at most 4).
   BERT_EMD_DEBUG=1       -O0 -g.
-
-Build without isolation after torch is installed:  pip install --no-build-isolation .
-(with build isolation pip would fetch a CUDA torch into its build environment).
+  BERT_EMD_NO_AOT=1      do not build ahead of time even if torch is importable.
 """
 
 from __future__ import annotations
 
-import glob
+import importlib.util
 import os
 import shutil
 import sys
-import warnings
+from pathlib import Path
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = Path(__file__).resolve().parent
+
+# The build description shared with the first-use compile, loaded by path: importing the
+# bert_emd package would need torch.
+_spec = importlib.util.spec_from_file_location("_bert_emd_build", ROOT / "python" / "bert_emd" / "_build.py")
+_build = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = _build  # dataclasses look the module up while the class is created
+_spec.loader.exec_module(_build)
 
 
-def _truthy(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+class BuildPyWithSources(build_py):
+    """Ship csrc/ inside the package (bert_emd/_csrc) for the first-use compile."""
+
+    def run(self) -> None:
+        super().run()
+        target = Path(self.build_lib) / "bert_emd" / "_csrc"
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(ROOT / "csrc", target,
+                        ignore=shutil.ignore_patterns("*.o", "*.so", "__pycache__"))
 
 
 def _extensions():
+    if _build.truthy("BERT_EMD_NO_AOT"):
+        return [], {}
     try:
         import torch
-        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
     except ImportError:
-        warnings.warn(
-            "torch is not installed in the build environment: building bert-emd without its "
-            "compiled extension (only the 'torch' and 'triton' backends will be available). "
-            "Install torch first and build with `pip install --no-build-isolation .`",
-            stacklevel=1,
-        )
+        # the plain-pip route: no torch in the isolated build environment
+        print("bert-emd: torch is not importable at build time: the C++ kernels will be compiled on "
+              "first use for the torch that runs them (or with `bert-emd build`)", file=sys.stderr)
         return [], {}
 
     os.environ.setdefault("MAX_JOBS", str(max(1, min(4, os.cpu_count() or 1))))
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-
-    debug = _truthy("BERT_EMD_DEBUG")
-    cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
-    cxx_flags += ["-std=c++20", "-fopenmp", "-DBERT_EMD_EXT"]
-    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    include_dirs = [os.path.join(ROOT, "csrc")]
-    extra_link = ["-fopenmp"]
-
-    want_cuda = not _truthy("BERT_EMD_FORCE_CPU")
-    cuda_torch = torch.version.cuda is not None
-    have_nvcc = CUDA_HOME is not None and shutil.which(os.path.join(CUDA_HOME, "bin", "nvcc"))
-    use_cuda = False
-    if want_cuda and (_truthy("FORCE_CUDA") or torch.cuda.is_available() or (cuda_torch and have_nvcc)):
-        if not have_nvcc:
-            warnings.warn("CUDA requested but nvcc was not found (set CUDA_HOME): building CPU only.",
-                          stacklevel=1)
-        elif not cuda_torch:
-            warnings.warn(
-                f"CUDA requested but torch {torch.__version__} is a CPU build: a CUDA extension "
-                "can only be built against a CUDA build of torch. Building CPU only.",
-                stacklevel=1,
-            )
-        else:
-            use_cuda = True
-    elif want_cuda and cuda_torch and not have_nvcc:
-        warnings.warn("torch has CUDA but nvcc was not found: building the CPU kernels only.",
-                      stacklevel=1)
-
-    ext_kwargs = dict(include_dirs=include_dirs)
-    if use_cuda:
-        # torch's CUDA headers include cuSPARSE/cuBLAS headers that ship with torch's nvidia
-        # wheels rather than with every CUDA toolkit: add that folder ourselves.
-        import site
-
-        for base in site.getsitepackages() + [site.getusersitepackages()]:
-            for sub in ("nvidia/cu13/include", "nvidia/cuda_runtime/include"):
-                p = os.path.join(base, sub)
-                if os.path.isdir(p):
-                    include_dirs.append(p)
-        sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        nvcc_flags = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-DBERT_EMD_WITH_CUDA",
-                      "-lineinfo"]
-        ext = CUDAExtension(
-            "bert_emd._C",
-            sources,
-            extra_compile_args={"cxx": cxx_flags + ["-DBERT_EMD_WITH_CUDA"], "nvcc": nvcc_flags},
-            extra_link_args=extra_link,
-            **ext_kwargs,
-        )
+    plan = _build.plan(torch.__version__, torch.version.cuda, ROOT / "csrc")
+    for note in plan.notes:
+        print(f"bert-emd: {note}", file=sys.stderr)
+    sources = [str(s.relative_to(ROOT)) for s in (p.resolve() for p in plan.sources)]
+    if plan.cuda:
+        ext = CUDAExtension("bert_emd._C", sources, include_dirs=plan.include_dirs(),
+                            extra_compile_args={"cxx": plan.cxx_flags, "nvcc": plan.nvcc_flags},
+                            extra_link_args=plan.ld_flags)
     else:
-        ext = CppExtension(
-            "bert_emd._C", sources, extra_compile_args={"cxx": cxx_flags},
-            extra_link_args=extra_link, **ext_kwargs,
-        )
-    print(f"bert-emd: building bert_emd._C with {'CPU+CUDA' if use_cuda else 'CPU'} kernels "
+        ext = CppExtension("bert_emd._C", sources, include_dirs=plan.include_dirs(),
+                           extra_compile_args={"cxx": plan.cxx_flags}, extra_link_args=plan.ld_flags)
+
+    class BuildExtWithRecord(BuildExtension):
+        """Write _C.build.json beside the library: the torch it was built for (the ABI guard)."""
+
+        def run(self) -> None:
+            super().run()
+            for e in self.extensions:
+                folder = Path(self.get_ext_fullpath(e.name)).parent
+                folder.mkdir(parents=True, exist_ok=True)
+                _build.write_meta(folder, plan)
+
+        def get_outputs(self):
+            outs = super().get_outputs()
+            return outs + [str(Path(self.get_ext_fullpath(e.name)).parent / _build.META_NAME)
+                           for e in self.extensions]
+
+    print(f"bert-emd: building bert_emd._C with {'CPU+CUDA' if plan.cuda else 'CPU'} kernels "
           f"(torch {torch.__version__}, MAX_JOBS={os.environ['MAX_JOBS']})", file=sys.stderr)
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
+    use_ninja = shutil.which("ninja") is not None
+    return [ext], {"build_ext": BuildExtWithRecord.with_options(use_ninja=use_ninja)}
 
 
 ext_modules, cmdclass = _extensions()
+cmdclass["build_py"] = BuildPyWithSources
 
 setup(
     packages=find_packages("python") + ["emd_kernels"],

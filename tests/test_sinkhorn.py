@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before emd_kernels is imported (conftest does too)
 
@@ -365,6 +366,22 @@ def test_emd_sinkhorn_batched_grad_and_max_iter_warning(rng):
     with pytest.warns(RuntimeWarning, match="max_iter=2"):
         res = bert_emd.emd(C.detach(), method="sinkhorn", reg=0.01, max_iter=2)
     assert (res.status == 1).all()
+
+
+def test_emd_sinkhorn_stopped_warns_once_with_the_budget_used(rng):
+    """A Sinkhorn solve stopped at its budget warns once, with the iteration count actually used
+    (also when max_iter is left at its default), and never calls the plan feasible."""
+    from bert_emd.ops.sinkhorn import DEFAULT_MAX_ITER
+
+    C = torch.rand(3, 4, 5, generator=rng, dtype=torch.float64) * 50
+    for max_iter, shown in ((3, "max_iter=3"), (None, f"max_iter={DEFAULT_MAX_ITER}")):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            res = bert_emd.emd(C, method="sinkhorn", reg=1e-3, max_iter=max_iter, tol=0.0)
+        msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        assert len(msgs) == 1, msgs
+        assert shown in msgs[0] and "None" not in msgs[0] and "feasible" not in msgs[0]
+        assert (res.status == bert_emd.EMDStatus.MAX_ITER).all()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

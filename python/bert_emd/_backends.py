@@ -40,11 +40,15 @@ def _has_kernel_cached(opname: str, key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(opname, key)
 
 
-# Kernel registration is fixed once the extension is imported: torch.compile may treat the
-# answer as a constant instead of tracing the dispatcher query.
-@torch._dynamo.assume_constant_result
 def _has_kernel(opname: str, key: str) -> bool:
     return _has_kernel_cached(opname, key)
+
+
+# Kernel registration is fixed once the extension is loaded: torch.compile may treat the answer
+# as a constant instead of tracing the dispatcher query. This is exactly what
+# ``torch._dynamo.assume_constant_result`` does, set by hand: importing dynamo for the decorator
+# would cost about a second on every ``import bert_emd`` (a test checks the two agree).
+_has_kernel._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 class BackendError(RuntimeError):
@@ -107,7 +111,18 @@ def select(op: str, backend: str, device: torch.device) -> str:
     return name
 
 
+def _wants_compiled(op: str, backend: str, dev: str) -> bool:
+    """Would resolving ``backend`` for ``op`` on ``dev`` look at a compiled C++/CUDA kernel?"""
+    cpp = {"cpu", "cuda"} - ({"cpu"} if op in _PYTHON_CPU_OPS else set())
+    candidates = _OP_BACKENDS[op].get(dev, ()) if backend == "auto" else (backend,)
+    if op == "emd" and dev != "cpu":
+        candidates = (*candidates, "cpu")  # the host route (see host_fallback)
+    return any(b in cpp for b in candidates)
+
+
 def _select(op: str, backend: str, dev: str) -> str:
+    if not _ext.has_extension() and _wants_compiled(op, backend, dev):
+        _ext.ensure()  # compile on first use (one progress line), or one warning if it cannot be had
     if backend == "auto":
         order = _OP_BACKENDS[op].get(dev, ("torch",))
         for name in order:

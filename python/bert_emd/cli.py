@@ -40,11 +40,13 @@ def cmd_info(args: argparse.Namespace) -> int:
           f"triton {_version('triton')}, transformers {_version('transformers')}")
     if _ext.has_extension():
         info = _ext.build_info()
-        print(f"  bert_emd._C: built (CUDA kernels: {'yes' if info.get('cuda') == '1' else 'no'}, "
+        where = _ext.loaded_from()
+        origin = "built with the package" if where == "package" else f"compiled on first use, cached in {where}"
+        print(f"  C++ kernels: loaded, {origin} (CUDA kernels: {'yes' if info.get('cuda') == '1' else 'no'}, "
               f"OpenMP: {'yes' if info.get('openmp') == '1' else 'no'}, "
               f"CUDA EMD capacity M+N <= {info.get('cuda_max_nodes')})")
     else:
-        print(f"  bert_emd._C: NOT built -- {_ext.extension_error()}")
+        print(f"  C++ kernels: not loaded -- {_ext.extension_error()}")
     print(f"  TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}")
     devices = ["cpu"]
     # Only here, on explicit request, is CUDA queried.
@@ -64,6 +66,27 @@ def cmd_info(args: argparse.Namespace) -> int:
             for backend, why in reasons.items():
                 mark = "usable" if why is None else f"no: {why}"
                 print(f"      {backend:7s} {mark}")
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    """Compile the C++ (and CUDA) kernels for the running torch into the cache now, instead of
+    on first use."""
+    import time
+
+    from . import _ext
+
+    if _ext.loaded_from() == "package" and not args.force:
+        print("bert-emd build: the kernels built with the package match this torch; nothing to compile "
+              "(--force compiles a cached copy anyway)")
+        return 0
+    t0 = time.perf_counter()
+    try:
+        folder = _ext.build(force=args.force, verbose=args.verbose)
+    except _ext.BuildError as err:
+        print(f"bert-emd build: error: {err}", file=sys.stderr)
+        return 1
+    print(f"bert-emd build: kernels ready in {folder} ({time.perf_counter() - t0:.0f} s)")
     return 0
 
 
@@ -94,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"show the traceback of a user error instead of one line (or set {DEBUG_ENV}=1)")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, built kernels, usable backends and why others are not")
+    bld = sub.add_parser("build", help="compile the C++ kernels for this torch now (otherwise: on first use)")
+    bld.add_argument("--force", action="store_true", help="recompile even if a build exists (or failed before)")
+    bld.add_argument("--verbose", action="store_true", help="show the compiler's output")
     b = sub.add_parser("bench", help="kernel micro-benchmarks (extra flags go to the script, e.g. --quick)")
     b.add_argument("which", choices=sorted(BENCHES), help="which benchmark")
     from .distill.cli_commands import add_subcommands
@@ -182,6 +208,8 @@ def _main(argv: list[str] | None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "info":
         return cmd_info(args)
+    if args.command == "build":
+        return cmd_build(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

@@ -32,7 +32,9 @@ class EMDStatus(enum.IntEnum):
     """Per-problem outcome, as stored in :attr:`EMDResult.status` (int32)."""
 
     OPTIMAL = 0  #: optimal (exact) / marginals within ``tol`` (sinkhorn)
-    MAX_ITER = 1  #: stopped at ``max_iter``: the plan is feasible but not proven optimal
+    #: stopped at ``max_iter``. Exact: the plan is feasible but not proven optimal. Sinkhorn: the
+    #: column marginals are still off by more than ``tol`` (the plan is not feasible).
+    MAX_ITER = 1
     INVALID = 2  #: invalid input, only reported when ``validate=False`` (outputs are NaN)
 
 
@@ -103,8 +105,7 @@ def _register(opname: str) -> None:
 
 
 _register("bert_emd::emd_exact_torch")
-if _ext.has_extension():
-    _register("bert_emd::emd_exact")
+_ext.on_load(lambda: _register("bert_emd::emd_exact"))  # the C++ schema exists once the kernels load
 
 
 def _exact_op(backend: str):
@@ -201,8 +202,8 @@ def emd(
         from .sinkhorn import sinkhorn_dispatch
 
         res = EMDResult(*sinkhorn_dispatch(cost, a, b, reg=reg, max_iter=max_iter, tol=tol, backend=backend))
-        if validate:
-            _check_status(res.status, cost, a, b, f"max_iter={max_iter} iterations before the marginals met tol={tol}")
+        if validate:  # sinkhorn_dispatch has warned about stopped problems, with the budget it used
+            _check_status(res.status, cost, a, b, None)
         return res
     raise ValueError(f"emd: method must be 'exact' or 'sinkhorn', got {method!r}")
 
@@ -223,10 +224,11 @@ def _any_requires_grad(cost: torch.Tensor, a: torch.Tensor | None, b: torch.Tens
     return cost.requires_grad or (a is not None and a.requires_grad) or (b is not None and b.requires_grad)
 
 
-def _check_status(status: torch.Tensor, cost: torch.Tensor, a, b, what: str) -> None:
+def _check_status(status: torch.Tensor, cost: torch.Tensor, a, b, what: str | None) -> None:
     """After a validated solve: raise for invalid problems and warn for problems stopped at the
-    iteration budget. The CPU kernel raises invalid input itself; the CUDA kernel reports it as
-    status INVALID (it never synchronises), and the precise message is then produced here by
+    iteration budget (``what`` names it; None: the caller has warned already). The CPU kernel
+    raises invalid input itself; the CUDA kernel reports it as status INVALID (it never
+    synchronises), and the precise message is then produced here by
     re-checking the inputs on the error path only. One scalar is read back (on CUDA: the one
     synchronisation of a validated call). Under torch.compile the check would be a
     data-dependent branch: there the caller reads ``status`` itself."""
@@ -242,6 +244,8 @@ def _check_status(status: torch.Tensor, cost: torch.Tensor, a, b, what: str) -> 
             "emd: a problem produced non-finite values (status == INVALID); for Sinkhorn, increase reg "
             "or use method='exact'"
         )
+    if what is None:
+        return
     stopped = int((status == EMDStatus.MAX_ITER).sum())
     warnings.warn(
         f"emd: {stopped} problem(s) reached {what} (status == MAX_ITER): their plans are feasible "

@@ -129,8 +129,9 @@ def _register(fwd: str, bwd: str) -> None:
 
 
 for _backend, (_f, _b) in _OPS.items():
-    if _backend != "cpu" or _ext.has_extension():
+    if _backend != "cpu":
         _register(_f, _b)
+_ext.on_load(lambda: _register(*_OPS["cpu"]))  # the C++ schemas exist once the kernels load
 
 
 # ------------------------------------------------------------------------------- validation

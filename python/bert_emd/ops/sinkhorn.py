@@ -101,10 +101,16 @@ def _register(opname: str) -> None:
 
 
 _OPS = ["bert_emd::sinkhorn_torch", "bert_emd::sinkhorn_triton"]
-if _ext.has_extension():
-    _OPS.insert(0, "bert_emd::sinkhorn")
 for _name in _OPS:
     _register(_name)
+
+
+def _register_cpp() -> None:  # the C++ schema exists once the kernels load
+    _OPS.insert(0, "bert_emd::sinkhorn")
+    _register("bert_emd::sinkhorn")
+
+
+_ext.on_load(_register_cpp)
 
 
 def _sinkhorn_ops() -> list[str]:
