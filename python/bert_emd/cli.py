@@ -19,6 +19,7 @@ BENCHES: dict[str, str] = {
     "sinkhorn": "bench_sinkhorn",
     "attention": "bench_attention_costs",
     "distill-step": "bench_distill_step",
+    "import": "bench_import",
 }
 
 
