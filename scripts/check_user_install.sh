@@ -87,7 +87,7 @@ wait $p0 || { cat "$WORK/rank0.log"; exit 1; }
 wait $p1 || { cat "$WORK/rank1.log"; exit 1; }
 row first-use-compile "$(since "$t")"
 cat "$WORK/rank0.log" "$WORK/rank1.log"
-n=$(cat "$WORK/rank0.log" "$WORK/rank1.log" | grep -c "compiling the C++" || true)
+n=$(cat "$WORK/rank0.log" "$WORK/rank1.log" | grep -c "^bert-emd: compiling the" || true)
 [ "$n" = "1" ] || { echo "expected exactly one compile, saw $n"; exit 1; }
 grep -q "waiting for another process" "$WORK/rank0.log" "$WORK/rank1.log" || { echo "the second process did not wait"; exit 1; }
 t=$(now)
