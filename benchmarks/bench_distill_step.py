@@ -16,7 +16,7 @@ Configs: ``tiny`` (2-layer 32-d student, 4-layer 48-d teacher) and ``tinybert`` 
 12 heads, FFN 1200 student; BERT-base 12-layer 768-d teacher), random weights.
 
 ``--attention-paths``: instead, the same EMD step with its attention term computed two ways
-(issue #7), for ``--sources`` (default ``probs,scores``): ``maps`` -- what the loss does without
+for ``--sources`` (default ``probs,scores``): ``maps`` -- what the loss does without
 fused attention (``probs``: both models run eager attention and return every layer's map,
 ``output_attentions=True``; ``scores``: the q/k hooks' materialised score maps) -- against
 ``fused`` (``fused_attention=True``: both models keep SDPA, the costs come from the hooked
@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-csv", action="store_true", help="do not append to benchmarks/results")
     p.add_argument("--out-dir", default=None, help="CSV folder (default benchmarks/results)")
     p.add_argument("--attention-paths", action="store_true",
-                   help="time the EMD step with attention costs from maps against fused_attention (issue #7)")
+                   help="time the EMD step with attention costs from maps against fused_attention")
     p.add_argument("--sources", default="probs,scores", help="with --attention-paths: probs, scores or both")
     args = p.parse_args(argv)
 

@@ -669,7 +669,7 @@ def test_validation_messages(rng):
 @needs_ext
 @pytest.mark.parametrize("source", ["scores", "probs"])
 def test_bert_emd_loss_fused_attention_matches_materialised(source):
-    """With ``BertEMDLoss(fused_attention=True)`` (the integration patch of issue #7) the loss and
+    """With ``BertEMDLoss(fused_attention=True)`` the loss and
     the student's gradients equal the materialising path, with the teacher on SDPA."""
     import inspect
 

@@ -1,5 +1,5 @@
 """``bert_emd.attention_costs``: attention cost matrices from queries and keys, without
-materialising the attention maps (DESIGN.md section 2, issue #7).
+materialising the attention maps (docs/design.md).
 
 D_ij = layer_costs(A^S_i, A^T_j) of the maps A = QK^T / sqrt(d_head) + additive padding mask
 (``source="scores"``) or their softmax over keys (``"probs"``), computed tile by tile so that no

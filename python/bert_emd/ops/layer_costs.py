@@ -1,4 +1,4 @@
-"""``bert_emd.layer_costs``: fused teacher-student layer cost matrices (DESIGN.md section 2).
+"""``bert_emd.layer_costs``: fused teacher-student layer cost matrices (the method: docs/design.md).
 
 D_ij = mean over elements of (f(S_i) - f(T_j))^2 for M student and N teacher layers, optionally
 over real tokens only and per batch element; f floors attention scores (x <= floor -> 0).
