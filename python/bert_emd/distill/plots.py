@@ -19,6 +19,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from .data import MissingFileError
+
 __all__ = ["find_run_files", "plot_comparison", "plot_layer_weights", "plot_losses", "plot_run", "plot_transport"]
 
 _WEIGHT_KEY = re.compile(r"^w_(student|teacher)(?:_(attention|hidden))?\.(\d+)$")
@@ -44,7 +46,7 @@ def find_run_files(run_dir: str | Path) -> tuple[Path | None, Path | None]:
     checkpoint for each; None where absent."""
     run = Path(run_dir)
     if not run.is_dir():
-        raise FileNotFoundError(f"run folder {run} does not exist")
+        raise MissingFileError(f"run folder {run} does not exist")
     places = [run, *reversed(_checkpoints(run))]
     state = next((p / "trainer_state.json" for p in places if (p / "trainer_state.json").is_file()), None)
     transport = next((p / "transport.json" for p in places if (p / "transport.json").is_file()), None)
@@ -183,12 +185,12 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     allow) to ``out_dir`` (default ``RUN_DIR/plots``); returns the paths written.
 
     Raises:
-        FileNotFoundError: the folder holds neither a ``trainer_state.json`` nor a
+        MissingFileError: the folder holds neither a ``trainer_state.json`` nor a
             ``transport.json`` (itself or in a ``checkpoint-*`` folder).
     """
     state_file, transport_file = find_run_files(run_dir)
     if state_file is None and transport_file is None:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{run_dir}: no trainer_state.json or transport.json (in it or in a checkpoint-* folder): "
             "not the output folder of a bert-emd finetune/distill run"
         )

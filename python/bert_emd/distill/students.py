@@ -19,7 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import UsageError
+from .data import MissingFileError
+
 __all__ = [
+    "check_model_folder",
     "count_parameters",
     "encoder_layers",
     "float32_kwargs",
@@ -31,6 +35,21 @@ __all__ = [
 ]
 
 _LAYER_COUNT_ATTRS = ("num_hidden_layers", "n_layers", "num_layers")
+
+
+def check_model_folder(path: str | os.PathLike, option: str | None = None) -> str:
+    """``path`` as a string if it is a local Hugging Face model folder (one with ``config.json``);
+    otherwise a :class:`MissingFileError` (a :class:`~bert_emd.errors.UsageError`) saying which of
+    the two it is not. Checked before ``from_pretrained``, whose error for a missing folder is
+    about Hub repository names. ``option``: the option that named it (``--teacher``), for the
+    message."""
+    folder = os.fspath(path)
+    who = f"{option} {folder}" if option else folder
+    if not os.path.isdir(folder):
+        raise MissingFileError(f"{who}: no such folder")
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise MissingFileError(f"{who} has no config.json (not a Hugging Face model folder)")
+    return folder
 
 
 def float32_kwargs() -> dict[str, Any]:
@@ -56,10 +75,12 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
     """The tokenizer saved in a local model folder (no hub look-up)."""
     from transformers import AutoTokenizer
 
+    if not os.path.isdir(path):
+        raise MissingFileError(f"{os.fspath(path)}: no such folder")
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as err:
-        raise FileNotFoundError(f"no tokenizer in {path}: the folder needs its tokenizer files ({err})") from err
+        raise MissingFileError(f"no tokenizer in {path}: the folder needs its tokenizer files ({err})") from err
 
 
 def load_model(
@@ -75,7 +96,7 @@ def load_model(
 
     A bare encoder checkpoint (e.g. ``BertModel``) gets a freshly initialised classification head
     with ``num_labels`` outputs; a classifier checkpoint keeps its head (``num_labels`` must then
-    agree, else a ValueError).
+    agree, else a UsageError).
 
     Args:
         path: local checkpoint folder (``config.json`` + weights).
@@ -87,15 +108,13 @@ def load_model(
     from transformers import AutoConfig, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    folder = os.fspath(path)
-    if not os.path.isfile(os.path.join(folder, "config.json")):
-        raise FileNotFoundError(f"model folder {folder} has no config.json (a local checkpoint folder is expected)")
+    folder = check_model_folder(path)
     cfg = AutoConfig.from_pretrained(folder, local_files_only=True)
     is_classifier = any(a.endswith("ForSequenceClassification") for a in (cfg.architectures or []))
     kwargs: dict[str, Any] = float32_kwargs()  # float32 whatever the checkpoint's dtype (see there)
     if num_labels is not None:
         if is_classifier and cfg.num_labels != num_labels:
-            raise ValueError(
+            raise UsageError(
                 f"{folder} is a classifier with {cfg.num_labels} labels, but the data has {num_labels}"
             )
         kwargs["num_labels"] = num_labels
@@ -151,12 +170,12 @@ def student_from_teacher_layers(teacher: nn.Module, layers: Sequence[int]) -> nn
     n = len(src)
     layers = [int(i) for i in layers]
     if not layers:
-        raise ValueError("init-from-teacher-layers: give at least one teacher layer index")
+        raise UsageError("init-from-teacher-layers: give at least one teacher layer index")
     bad = [i for i in layers if not 0 <= i < n]
     if bad:
-        raise ValueError(f"init-from-teacher-layers: indices {bad} outside [0, {n}) (0-based, the teacher has {n})")
+        raise UsageError(f"init-from-teacher-layers: indices {bad} outside [0, {n}) (0-based, the teacher has {n})")
     if len(set(layers)) != len(layers):
-        raise ValueError(f"init-from-teacher-layers: repeated indices in {layers}")
+        raise UsageError(f"init-from-teacher-layers: repeated indices in {layers}")
     student = copy.deepcopy(getattr(teacher, "module", teacher))
     dst = encoder_layers(student)
     kept = [dst[i] for i in layers]
@@ -207,7 +226,7 @@ def student_from_config(
 
     cfg = copy.deepcopy(teacher_config)
     if num_layers < 1:
-        raise ValueError(f"student layers must be >= 1, got {num_layers}")
+        raise UsageError(f"student layers must be >= 1, got {num_layers}")
     _set_layer_count(cfg, num_layers)
     if hidden_size is not None:
         cfg.hidden_size = hidden_size
@@ -216,7 +235,7 @@ def student_from_config(
     if intermediate_size is not None:
         cfg.intermediate_size = intermediate_size
     if cfg.hidden_size % cfg.num_attention_heads:
-        raise ValueError(
+        raise UsageError(
             f"student hidden size {cfg.hidden_size} is not a multiple of its head count {cfg.num_attention_heads}"
         )
     if num_labels is not None:

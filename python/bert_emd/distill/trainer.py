@@ -41,6 +41,8 @@ import torch
 from torch import Tensor, nn
 from transformers import Trainer, TrainerCallback
 
+from ..errors import UsageError
+
 __all__ = [
     "LOSS_STATE_NAME",
     "TRANSPORT_NAME",
@@ -306,7 +308,7 @@ class DistillationTrainer(Trainer):
             raise ValueError("DistillationTrainer needs both teacher= and distill_loss=")
         for check in (fsdp_unsupported_reason, deepspeed_unsupported_reason):
             if (reason := check(args)) is not None:
-                raise ValueError(reason)
+                raise UsageError(reason)
         self.teacher = teacher
         self.distill_loss = distill_loss
         self._parts_sum: dict[str, Tensor] = {}
@@ -314,10 +316,10 @@ class DistillationTrainer(Trainer):
         super().__init__(model=model, args=args, **kwargs)
         # an accelerator that runs FSDP although neither args nor the environment asked for it
         if (reason := fsdp_unsupported_reason(fsdp_enabled=getattr(self, "is_fsdp_enabled", False))) is not None:
-            raise ValueError(reason)
+            raise UsageError(reason)
         for check in (unsynchronised_ranks_reason, data_parallel_reason):
             if (reason := check(self.args)) is not None:
-                raise ValueError(reason)
+                raise UsageError(reason)
         # transformers 5 sees BERT's forward(**kwargs) as accepting loss kwargs and would count (and,
         # under DDP, all-gather) the labels of every micro-batch for a num_items_in_batch that the
         # distillation loss, a per-batch mean (loss_is_scaled_for_ga = False), never reads

@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..errors import UsageError
 from .tasks import MTLConfig, load_config
 
 __all__ = ["add_subcommands", "dispatch", "evaluate_model", "format_table", "main", "train_from_config"]
@@ -62,14 +63,18 @@ def add_subcommands(sub: Any) -> None:
 
 def dispatch(args: argparse.Namespace, rest: list[str]) -> int:
     """Run ``bert-emd mtl <mtl_command>``; ``rest``: extra TrainingArguments flags (train only)."""
+    from ..distill.cli_commands import HF_MODULES, require_hf
+
     cmd = args.mtl_command
     if cmd != "train" and rest:
-        raise SystemExit(f"bert-emd mtl {cmd}: unrecognized arguments: {' '.join(rest)}")
+        raise UsageError(f"unrecognized arguments: {' '.join(rest)}")
+    if cmd in ("train", "evaluate"):  # (the demo checks its own)
+        require_hf((*HF_MODULES, "yaml"))
     if cmd == "train":
         cfg = load_config(args.config)
         if args.fused_attention and not cfg.distillation.enabled:
-            raise SystemExit(f"bert-emd mtl train: --fused-attention applies to distillation, and {args.config} "
-                             "has no enabled 'distillation' section")
+            raise UsageError(f"--fused-attention applies to distillation, and {args.config} has no enabled "
+                             "'distillation' section")
         res = train_from_config(
             cfg, output_dir=args.output_dir, max_steps=args.max_steps, epochs=args.epochs, seed=args.seed,
             resume=args.resume, extra=rest, progress=args.progress, fused_attention=args.fused_attention or None,
@@ -90,7 +95,7 @@ def dispatch(args: argparse.Namespace, rest: list[str]) -> int:
 
         run_mtl_demo(args)
         return 0
-    raise SystemExit(f"unknown mtl command {cmd!r}")
+    raise UsageError(f"unknown mtl command {cmd!r}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,8 +134,37 @@ def _tokenizer(cfg: MTLConfig) -> Any:
 
     src = cfg.model.tokenizer or cfg.model.encoder
     if src is None:
-        raise SystemExit(f"{cfg.source}: model.encoder is required (a local Hugging Face encoder folder)")
+        raise UsageError(f"{cfg.source}: model.encoder is required (a local Hugging Face encoder folder)")
     return load_tokenizer(src)
+
+
+def check_model_folders(cfg: MTLConfig) -> None:
+    """The model folders the config names (``model.encoder``, the teachers) exist and are model
+    folders: a one-line :class:`~bert_emd.errors.UsageError` naming the field otherwise, before
+    anything is loaded."""
+    from ..distill.students import check_model_folder
+
+    if cfg.model.encoder is None:
+        raise UsageError(f"{cfg.source}: model.encoder is required (a local Hugging Face encoder folder)")
+    check_model_folder(cfg.model.encoder, f"{cfg.source}: model.encoder")
+    if not cfg.distillation.enabled:
+        return
+    if cfg.distillation.teacher is not None:
+        _check_multitask_folder(cfg.distillation.teacher, f"{cfg.source}: distillation.teacher")
+        return
+    for i, spec in enumerate(cfg.tasks):
+        if spec.teacher is not None and not os.path.isfile(os.path.join(spec.teacher, "mtl_config.json")):
+            check_model_folder(spec.teacher, f"{cfg.source}: tasks[{i}] ({spec.name!r}).teacher")
+
+
+def _check_multitask_folder(path: str, where: str) -> None:
+    from ..distill.data import MissingFileError
+    from .model import CONFIG_NAME
+
+    if not os.path.isdir(path):
+        raise MissingFileError(f"{where} {path}: no such folder")
+    if not os.path.isfile(os.path.join(path, CONFIG_NAME)):
+        raise MissingFileError(f"{where} {path} has no {CONFIG_NAME} (not a folder saved by bert-emd mtl train)")
 
 
 def prepare_data(cfg: MTLConfig, tokenizer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -143,7 +177,7 @@ def prepare_data(cfg: MTLConfig, tokenizer: Any) -> tuple[dict[str, Any], dict[s
     for spec in cfg.tasks:
         data = load_task_data(spec)
         if "train" not in data.splits:
-            raise SystemExit(f"task {spec.name!r}: no training file (data.train)")
+            raise UsageError(f"task {spec.name!r}: no training file (data.train)")
         limit = {"train": tr.limit_train, "validation": tr.limit_eval}
         tok = tokenize_task(spec, data, tokenizer, spec.max_length or tr.max_length, limit)
         train[spec.name] = tok["train"]
@@ -171,7 +205,7 @@ def build_model(cfg: MTLConfig, *, fused_attention: bool | None = None) -> Any:
     from .model import MultiTaskModel
 
     if cfg.model.encoder is None:
-        raise SystemExit(f"{cfg.source}: model.encoder is required (a local Hugging Face encoder folder)")
+        raise UsageError(f"{cfg.source}: model.encoder is required (a local Hugging Face encoder folder)")
     attn = cfg.model.attn_implementation
     if _needs_attention_maps(cfg, fused_attention):
         attn = "eager"  # attention maps for the attention costs
@@ -224,6 +258,7 @@ def train_from_config(
     out = output_dir or tr.output_dir
     seed = tr.seed if seed is None else seed
     set_seed(seed)
+    check_model_folders(cfg)
     tokenizer = _tokenizer(cfg)
     train_sets, eval_sets = prepare_data(cfg, tokenizer)
     fused_attention = _fused(cfg, fused_attention)
@@ -323,6 +358,7 @@ def evaluate_model(
     from .trainer import MultiTaskCollator, evaluate_tasks, load_task_data, tokenize_task
 
     _quiet(False)
+    _check_multitask_folder(os.fspath(model_dir), "--model")
     model = MultiTaskModel.from_pretrained(model_dir)
     specs = list(model.specs.values())
     if config is not None:
@@ -330,7 +366,7 @@ def evaluate_model(
         by_name = {t.name: t for t in cfg.tasks}
         unknown = [t for t in by_name if t not in model.specs]
         if unknown:
-            raise SystemExit(f"{config}: task(s) {unknown} are not tasks of the model in {model_dir} "
+            raise UsageError(f"{config}: task(s) {unknown} are not tasks of the model in {model_dir} "
                              f"({model.task_names})")
         specs = [by_name[t.name] if t.name in by_name else t for t in specs]
     tokenizer = load_tokenizer(model_dir)

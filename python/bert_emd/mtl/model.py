@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import UsageError
 from .mechanisms import (
     LabelEmbedding,
     LayerMixture,
@@ -181,7 +182,7 @@ class MultiTaskModel(nn.Module):
             if mech.hierarchy and t.tap_layer is not None:
                 tap = t.tap_layer if t.tap_layer >= 0 else m + 1 + t.tap_layer
                 if not 0 <= tap <= m:
-                    raise ValueError(
+                    raise UsageError(
                         f"task {t.name!r}: tap_layer {t.tap_layer} is outside the encoder's layers "
                         f"(0 = embeddings .. {m}, or -1 .. -{m + 1})"
                     )
@@ -391,12 +392,13 @@ class MultiTaskModel(nn.Module):
         from safetensors.torch import load_file
         from transformers import AutoConfig, AutoModel
 
+        from ..distill.data import MissingFileError
         from ..distill.students import float32_kwargs
 
         p = Path(path)
         cfg_file = p / CONFIG_NAME
         if not cfg_file.is_file():
-            raise FileNotFoundError(f"{p} holds no {CONFIG_NAME}: not a multi-task model folder")
+            raise MissingFileError(f"{p} holds no {CONFIG_NAME}: not a multi-task model folder")
         raw = json.loads(cfg_file.read_text())
         tasks = []
         for t in raw["tasks"]:
@@ -413,7 +415,7 @@ class MultiTaskModel(nn.Module):
         model = cls(encoder, tasks, mech, num_layers=raw.get("num_layers"), hidden_size=raw.get("hidden_size"))
         weights = p / "model.safetensors"
         if not weights.is_file():
-            raise FileNotFoundError(f"{p} holds no model.safetensors")
+            raise MissingFileError(f"{p} holds no model.safetensors")
         sd = load_file(str(weights))
         if any(k.startswith("student.") for k in sd):
             sd = {k[len("student.") :]: v for k, v in sd.items() if k.startswith("student.")}
@@ -439,8 +441,10 @@ class MultiTaskModel(nn.Module):
         """A new multi-task model on a pretrained encoder from a local folder (no hub look-up)."""
         from transformers import AutoModel
 
-        from ..distill.students import float32_kwargs
+        from ..distill.data import MissingFileError
+        from ..distill.students import check_model_folder, float32_kwargs
 
+        check_model_folder(encoder_path)
         # float32 whatever the checkpoint's dtype: a bfloat16 encoder would train its weights in
         # bfloat16 under --bf16 and feed bfloat16 states to the float32 heads without it
         kwargs: dict[str, Any] = {"local_files_only": True, **float32_kwargs()}
@@ -449,7 +453,7 @@ class MultiTaskModel(nn.Module):
         try:
             encoder = AutoModel.from_pretrained(str(encoder_path), **kwargs)
         except OSError as err:
-            raise FileNotFoundError(f"cannot load an encoder from {encoder_path}: {err}") from err
+            raise MissingFileError(f"cannot load an encoder from {encoder_path}: {err}") from err
         return cls(encoder, tasks, mechanisms)
 
 

@@ -34,6 +34,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from ..errors import UsageError
+
 __all__ = [
     "ConfigError",
     "DataFiles",
@@ -81,8 +83,10 @@ TAGGING_METRICS = ("token_acc", "token_macro_f1")
 _WHERE: contextvars.ContextVar[str | None] = contextvars.ContextVar("_WHERE", default=None)
 
 
-class ConfigError(ValueError):
-    """An invalid task / multi-task configuration; the message names the file and the field."""
+class ConfigError(UsageError):
+    """An invalid task / multi-task configuration; the message names the file and the field (a
+    :class:`~bert_emd.errors.UsageError`, so a ``ValueError``: one line from the ``bert-emd``
+    command)."""
 
 
 def normalize_task_type(value: Any, where: str = "type") -> str:
@@ -817,15 +821,17 @@ def load_config(path: str | os.PathLike) -> MTLConfig:
     """Read a multi-task YAML configuration (see ``examples/mtl_tasks.yaml``).
 
     Raises:
-        FileNotFoundError: ``path`` does not exist.
+        MissingFileError: ``path`` does not exist (a ``FileNotFoundError``).
         ConfigError: invalid YAML or an invalid field; the message names the file, the line (YAML
             syntax errors) or the field (``tasks[1] ('news').num_labels: ...``).
     """
     import yaml
 
+    from ..distill.data import MissingFileError
+
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"multi-task config {p} not found")
+        raise MissingFileError(f"multi-task config {p} not found")
     try:
         raw = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:

@@ -44,6 +44,7 @@ from ..distill.trainer import (
     mean_over_processes,
     unsynchronised_ranks_reason,
 )
+from ..errors import UsageError
 from .distill import MultiTaskEMDLoss, TeacherSet, distillation_step
 from .model import MultiTaskModel
 from .samplers import MultiTaskBatchSampler, TaskSampler
@@ -108,20 +109,20 @@ def _load_tagging(spec: TaskSpec) -> Any:
     """JSONL tagging files: ``{"tokens": [...], "tags": [...]}`` per line (column names from the spec)."""
     from datasets import DatasetDict, load_dataset
 
-    from ..distill.data import TaskData
+    from ..distill.data import MissingFileError, TaskData
 
     d = spec.data
     given = {k: v for k, v in (("train", d.train), ("validation", d.validation), ("test", d.test)) if v is not None}
     splits, labels = {}, d.label_list
     for split, path in given.items():
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{split} file {path} not found")
+            raise MissingFileError(f"{split} file {path} not found")
         if not path.endswith((".jsonl", ".json")):
-            raise ValueError(f"{path}: tagging data must be JSONL (one {{tokens, tags}} object per line)")
+            raise UsageError(f"{path}: tagging data must be JSONL (one {{tokens, tags}} object per line)")
         ds = load_dataset("json", data_files={"data": path})["data"]
         for col in (d.tokens_column, d.tags_column):
             if col not in ds.column_names and not (split == "test" and col == d.tags_column):
-                raise ValueError(f"{path}: missing column {col!r}; columns are {ds.column_names}")
+                raise UsageError(f"{path}: missing column {col!r}; columns are {ds.column_names}")
         rows_tok = ds[d.tokens_column]
         rows_tag = ds[d.tags_column] if d.tags_column in ds.column_names else None
         if labels is None and rows_tag is not None:
@@ -131,17 +132,17 @@ def _load_tagging(spec: TaskSpec) -> Any:
         cols: dict[str, list] = {"tokens": [], "tags": []} if rows_tag is not None else {"tokens": []}
         for i, toks in enumerate(rows_tok):
             if not isinstance(toks, list) or not all(isinstance(t, str) for t in toks):
-                raise ValueError(f"{path}, row {i + 1}: {d.tokens_column!r} must be a list of strings")
+                raise UsageError(f"{path}, row {i + 1}: {d.tokens_column!r} must be a list of strings")
             cols["tokens"].append(toks)
             if rows_tag is not None:
                 tags = rows_tag[i]
                 if len(tags) != len(toks):
-                    raise ValueError(f"{path}, row {i + 1}: {len(toks)} tokens but {len(tags)} tags")
+                    raise UsageError(f"{path}, row {i + 1}: {len(toks)} tokens but {len(tags)} tags")
                 try:
                     cols["tags"].append([index[str(t)] for t in tags])
                 except KeyError as err:
                     msg = f"{path}, row {i + 1}: unknown tag {err.args[0]!r}; expected one of {labels}"
-                    raise ValueError(msg) from None
+                    raise UsageError(msg) from None
         from datasets import Dataset
 
         splits[split] = Dataset.from_dict(cols)
@@ -160,7 +161,7 @@ def tokenize_task(
     if not spec.is_tagging:
         return tokenize(data, tokenizer, max_length=max_length, limit=limit)
     if not getattr(tokenizer, "is_fast", False):
-        raise ValueError(f"task {spec.name!r}: tagging needs a fast tokenizer (word ids of sub-tokens)")
+        raise UsageError(f"task {spec.name!r}: tagging needs a fast tokenizer (word ids of sub-tokens)")
     out = {}
     for split, ds in data.splits.items():
         if limit and limit.get(split) is not None:
@@ -612,7 +613,7 @@ class MultiTaskTrainer(_MultiTaskMixin, Trainer):
         # (the distillation trainer checks this in DistillationTrainer.__init__)
         for check in (unsynchronised_ranks_reason, data_parallel_reason):
             if (reason := check(self.args)) is not None:
-                raise ValueError(reason)
+                raise UsageError(reason)
         self._setup_mtl(train_sets, eval_sets, sampler, collator, tasks_per_step)
 
     def compute_loss(
