@@ -69,6 +69,17 @@ snippets() {  # $1 venv, then snippet names: run the README's python blocks of t
     done
 }
 
+one_line_error() {  # $1 pattern, $2 venv, then the bert-emd arguments: one stderr line matching, exit 2
+    local pattern=$1 venv=$2 code; shift 2
+    set +e
+    (cd "$WORK" && "$WORK/$venv/bin/bert-emd" "$@" > /dev/null 2> "$WORK/err.txt")
+    code=$?
+    set -e
+    cat "$WORK/err.txt"
+    [ "$code" = "2" ] && [ "$(wc -l < "$WORK/err.txt")" = "1" ] && grep -q "$pattern" "$WORK/err.txt" \
+        || { echo "expected one stderr line matching $pattern and exit 2, got exit $code"; exit 1; }
+}
+
 echo "== wheel: plain pip into a venv holding $TORCH_SPEC"
 fresh_venv wheel
 t=$(now)
@@ -97,14 +108,9 @@ snippets wheel emd loss
 (cd "$WORK" && "$WORK/wheel/bin/bert-emd" info) | tee "$WORK/info.txt"
 grep -q "compiled on first use" "$WORK/info.txt"
 echo "-- a CLI user error is one line with exit status 2"
-set +e
-(cd "$WORK" && "$WORK/wheel/bin/bert-emd" distill --teacher "$WORK/no-such-model" --train-file "$WORK/none.csv" \
-    --output-dir "$WORK/out" > "$WORK/err.out" 2> "$WORK/err.txt")
-code=$?
-set -e
-cat "$WORK/err.txt"
-[ "$code" = "2" ] && [ "$(wc -l < "$WORK/err.txt")" = "1" ] && grep -q "^bert-emd distill: error:" "$WORK/err.txt" \
-    || { echo "expected one error line and exit 2, got exit $code"; exit 1; }
+one_line_error "^bert-emd distill: error: .*no-such-model" wheel distill --teacher "$WORK/no-such-model" \
+    --student-layers 2 --student-hidden 32 --student-heads 2 --student-ffn 64 --train-file "$WORK/none.csv" \
+    --output-dir "$WORK/out"
 
 echo "== sdist: plain pip into a venv holding $TORCH_SPEC, no extras"
 fresh_venv sdist
@@ -113,11 +119,5 @@ t=$(now)
 row pip-install-sdist "$(since "$t")"
 assert_same_torch sdist
 snippets sdist emd
-set +e
-(cd "$WORK" && "$WORK/sdist/bin/bert-emd" demo --quick > /dev/null 2> "$WORK/extra.txt")
-code=$?
-set -e
-cat "$WORK/extra.txt"
-[ "$code" = "2" ] && [ "$(wc -l < "$WORK/extra.txt")" = "1" ] && grep -q 'pip install "bert-emd\[hf\]"' "$WORK/extra.txt" \
-    || { echo "expected the one-line hf-extra message with exit 2, got exit $code"; exit 1; }
+one_line_error 'pip install "bert-emd\[hf\]"' sdist demo --quick
 echo "== user install check passed"
