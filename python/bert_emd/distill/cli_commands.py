@@ -1,4 +1,4 @@
-"""``bert-emd finetune | distill | evaluate | plot | demo``: the training commands of the CLI.
+"""``bert-emd finetune | distill | evaluate | plot | demo | study``: the training commands of the CLI.
 
 :func:`add_subcommands` registers them on the ``bert-emd`` parser and :func:`dispatch` runs one.
 Options of our own use dashes (``--teacher``, ``--max-length``); every other option is a
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -35,9 +36,11 @@ __all__ = [
     "training_arguments",
 ]
 
-COMMANDS = ("finetune", "distill", "evaluate", "plot", "demo")
+COMMANDS = ("finetune", "distill", "evaluate", "plot", "demo", "study")
 # the modules of the ``hf`` extra that training and evaluation import (checked before importing any)
 HF_MODULES = ("transformers", "accelerate", "datasets", "sklearn", "scipy")
+
+logger = logging.getLogger(__name__)
 
 # Our defaults for TrainingArguments; anything given on the command line overrides them.
 _TRAINING_DEFAULTS = [
@@ -94,6 +97,9 @@ def _add_loss_args(p: argparse.ArgumentParser) -> None:
                    help="layer mapping: emd (learned, default) or a fixed one (skip: TinyBERT's)")
     g.add_argument("--prediction-only", action="store_true",
                    help="no layer-to-layer terms: distil the teacher's predictions only")
+    g.add_argument("--no-prediction", action="store_true",
+                   help="no prediction term: layer-to-layer (attention, hidden, embedding) terms only, as "
+                        "TinyBERT's intermediate-layer stage; the labels are not used")
     g.add_argument("--beta", type=float, default=0.01, help="weight of the layer and embedding terms (0.01)")
     g.add_argument("--theta", type=float, default=1.0, help="weight of attention + hidden inside beta (1)")
     g.add_argument("--t-emd", type=float, default=1.0, help="cost-attention temperature T_emd (1)")
@@ -130,6 +136,9 @@ def add_subcommands(sub: Any) -> None:
     p = sub.add_parser("distill", allow_abbrev=False, help="distil a fine-tuned teacher into a student with BERT-EMD",
                        epilog=_TRAINING_EPILOG)
     p.add_argument("--teacher", required=True, help="fine-tuned teacher folder (a *ForSequenceClassification)")
+    p.add_argument("--allow-untrained-teacher", action="store_true",
+                   help="go on (with a warning) when the teacher's checkpoint lacks its task head, which is then "
+                        "random (seeded by --seed); by default such a teacher is refused")
     g = p.add_argument_group("student (one of --student, --student-layers, --init-from-teacher-layers)")
     g.add_argument("--student", help="local student checkpoint folder")
     g.add_argument("--student-layers", type=int, help="fresh student: number of transformer layers")
@@ -166,6 +175,13 @@ def add_subcommands(sub: Any) -> None:
                        help="offline end-to-end demo: fine-tune MiniLM on tweets, distil three ways")
     add_demo_args(p)
 
+    from .study import add_study_args
+
+    p = sub.add_parser("study", allow_abbrev=False,
+                       help="offline study of layer mappings in TinyBERT's two stages (EMD, skip, last, uniform, "
+                            "baselines), with seeds and paired bootstrap intervals")
+    add_study_args(p)
+
 
 def dispatch(args: argparse.Namespace, rest: list[str]) -> int:
     """Run the command ``args.command`` (one of :data:`COMMANDS`); ``rest``: the unparsed
@@ -183,6 +199,12 @@ def dispatch(args: argparse.Namespace, rest: list[str]) -> int:
 
         _no_rest("demo", rest)
         run_demo(args)
+        return 0
+    if args.command == "study":
+        from .study import run_study
+
+        _no_rest("study", rest)
+        run_study(args)
         return 0
     require_hf()
     if getattr(args, "help_training", False):
@@ -336,14 +358,27 @@ def _finish(trainer: Any, targs: Any, tok: Any, extra: dict[str, Any], t0: float
     return summary
 
 
+def _seeded_arguments(rest: list[str], output_dir: str, defaults: list[str] | None = None) -> Any:
+    """:func:`training_arguments`, then the run's ``--seed`` set (``transformers.set_seed``: Python,
+    NumPy, torch) before the command builds or loads any model: every weight drawn at random (a
+    fresh student, a head missing from a checkpoint) is then the same in two runs with the same
+    seed, and on every rank of a distributed run."""
+    from transformers import set_seed
+
+    targs = training_arguments(rest, output_dir, defaults)
+    set_seed(targs.seed)
+    return targs
+
+
 def _prepare_training(command: str, args: argparse.Namespace, rest: list[str], tokenizer_path: str,
                       folders: dict[str, str | None]):
-    """TrainingArguments, the task data, the tokenizer of ``tokenizer_path`` and the tokenised
-    splits (loaded once, main process first); training data is required. ``folders``:
-    ``{option: path}`` of the model folders the command loads, checked first."""
+    """Seeded TrainingArguments (:func:`_seeded_arguments`), the task data, the tokenizer of
+    ``tokenizer_path`` and the tokenised splits (loaded once, main process first); training data is
+    required. ``folders``: ``{option: path}`` of the model folders the command loads, checked
+    first."""
     from .students import check_model_folder, load_tokenizer
 
-    targs = training_arguments(rest, args.output_dir)
+    targs = _seeded_arguments(rest, args.output_dir)
     for option, folder in folders.items():
         if folder is not None:
             check_model_folder(folder, option)
@@ -358,15 +393,14 @@ def _prepare_training(command: str, args: argparse.Namespace, rest: list[str], t
 
 # ----------------------------------------------------------------------------- finetune
 def _finetune(args: argparse.Namespace, rest: list[str]) -> dict[str, Any]:
-    from transformers import Trainer, set_seed
+    from transformers import Trainer
 
     from .students import count_parameters, load_model
 
     t0 = time.time()
     targs, data, tokenizer, tok = _prepare_training("finetune", args, rest, args.model, {"--model": args.model})
-    set_seed(targs.seed)
     model = load_model(args.model, num_labels=data.num_labels, problem_type=_problem_type(data),
-                       label_list=data.label_list)
+                       label_list=data.label_list, role="model to fine-tune")
     trainer = Trainer(model=model, **_trainer_kwargs(targs, tok, tokenizer, data))
     train_out = trainer.train(resume_from_checkpoint=targs.resume_from_checkpoint)
     extra = {"command": "finetune", "task": data.name, "parameters": count_parameters(model),
@@ -400,7 +434,7 @@ def _build_student(args: argparse.Namespace, teacher: Any, data: Any, attn: str 
     layers = _teacher_layers(args)
     if args.student:
         return load_model(args.student, num_labels=data.num_labels, problem_type=_problem_type(data),
-                          attn_implementation=attn, label_list=data.label_list)
+                          attn_implementation=attn, label_list=data.label_list, role="student")
     if layers is not None:
         return student_from_teacher_layers(teacher, layers)
     student = student_from_config(
@@ -411,6 +445,8 @@ def _build_student(args: argparse.Namespace, teacher: Any, data: Any, attn: str 
         intermediate_size=args.student_ffn,
         attn_implementation=attn,
     )
+    logger.info("student: %d layers built from the teacher's config, initialised at random (head included)",
+                args.student_layers)
     if args.init_embeddings_from_teacher:
         s_emb, t_emb = student.base_model.embeddings, teacher.base_model.embeddings
         if student.config.hidden_size != teacher.config.hidden_size:
@@ -471,6 +507,7 @@ def _loss_from_models(args: argparse.Namespace, student: Any, teacher: Any, data
         use_attention=use_attention,
         use_hidden=not (layers_off or args.no_hidden),
         use_embedding=not (layers_off or args.no_embedding),
+        use_prediction=not args.no_prediction,
         per_sample=args.per_sample,
         token_mask=args.token_mask,
         task="regression" if data.is_regression else "classification",
@@ -503,11 +540,16 @@ def _distill(args: argparse.Namespace, rest: list[str]) -> dict[str, Any]:
     needs_maps = args.attention_source == "probs" and not (
         args.fused_attention or args.prediction_only or args.no_attention)
     attn = "eager" if needs_maps else None
-    teacher = load_model(args.teacher, attn_implementation=attn)
+    # the teacher predicts: a checkpoint without its task head (a bare encoder) is refused unless
+    # --allow-untrained-teacher (then the head is drawn from the run's seed, set above)
+    untrained_ok = args.allow_untrained_teacher
+    head = {"num_labels": data.num_labels, "problem_type": _problem_type(data)} if untrained_ok else {}
+    teacher = load_model(args.teacher, attn_implementation=attn, role="teacher", predicts=True,
+                         allow_untrained=untrained_ok, opt_out="--allow-untrained-teacher", **head)
     if teacher.config.num_labels != data.num_labels:
         raise UsageError(f"the teacher {args.teacher} has {teacher.config.num_labels} outputs, the data "
                          f"{data.num_labels} labels: fine-tune the teacher on this task first (bert-emd finetune)")
-    set_seed(targs.seed)
+    set_seed(targs.seed)  # the student's initial weights do not depend on what loading the teacher drew
     student = _build_student(args, teacher, data, attn)
     student.config.problem_type = _problem_type(data)
     if args.freeze_word_embeddings:
@@ -562,7 +604,7 @@ def _evaluate(args: argparse.Namespace, rest: list[str]) -> dict[str, Any]:
 
     check_model_folder(args.model, "--model")
     out_dir = args.output_dir or tempfile.mkdtemp(prefix="bert_emd_eval_")
-    targs = training_arguments(rest, out_dir, defaults=["--report_to", "none"])
+    targs = _seeded_arguments(rest, out_dir, defaults=["--report_to", "none"])
     data = _load_data(args, test=args.split == "test")
     if args.split not in data.splits:
         raise UsageError(f"split {args.split!r} not in the data (have: {', '.join(data.splits)})")
@@ -571,7 +613,10 @@ def _evaluate(args: argparse.Namespace, rest: list[str]) -> dict[str, Any]:
     ds = tok[args.split]
     if "labels" not in ds.column_names:
         raise UsageError(f"split {args.split!r} has no labels to score")
-    model = load_model(args.model, num_labels=data.num_labels, problem_type=_problem_type(data))
+    # scored for its predictions: a folder without a trained task head is refused (no opt-out: the
+    # scores of a random head measure nothing)
+    model = load_model(args.model, num_labels=data.num_labels, problem_type=_problem_type(data),
+                       role="model to evaluate", predicts=True)
     trainer = Trainer(model=model, args=targs, data_collator=_collator(tokenizer, targs), processing_class=tokenizer,
                       compute_metrics=compute_metrics_fn(data.metric_task, data.is_regression))
     metrics = trainer.evaluate(eval_dataset=ds, metric_key_prefix=args.split)

@@ -12,6 +12,7 @@ Three ways to get a student, matching ``bert-emd distill``:
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -23,7 +24,9 @@ from ..errors import UsageError
 from .data import MissingFileError
 
 __all__ = [
+    "UntrainedHeadError",
     "check_model_folder",
+    "check_trained_weights",
     "count_parameters",
     "encoder_layers",
     "float32_kwargs",
@@ -35,6 +38,13 @@ __all__ = [
 ]
 
 _LAYER_COUNT_ATTRS = ("num_hidden_layers", "n_layers", "num_layers")
+logger = logging.getLogger(__name__)
+
+
+class UntrainedHeadError(UsageError):
+    """A model loaded for its predictions (a teacher, the model scored by ``evaluate``) lacks
+    weights of its checkpoint (typically the task head: a bare encoder checkpoint), which
+    ``from_pretrained`` would initialise at random."""
 
 
 def check_model_folder(path: str | os.PathLike, option: str | None = None) -> str:
@@ -50,6 +60,48 @@ def check_model_folder(path: str | os.PathLike, option: str | None = None) -> st
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise MissingFileError(f"{who} has no config.json (not a Hugging Face model folder)")
     return folder
+
+
+def check_trained_weights(
+    folder: str,
+    missing: Sequence[str],
+    *,
+    role: str,
+    predicts: bool,
+    allow_untrained: bool = False,
+    opt_out: str | None = None,
+) -> None:
+    """Act on the weights that ``from_pretrained`` did not find in ``folder``'s checkpoint
+    (``loading_info["missing_keys"]``: freshly, randomly initialised).
+
+    Args:
+        folder: the checkpoint folder.
+        missing: the missing weight names (for a bare encoder checkpoint loaded as a classifier:
+            ``classifier.weight``, ``classifier.bias``; without a pooler also the pooler).
+        role: what the model is, for the messages (``"teacher"``, ``"student"``, ...).
+        predicts: the model is used for its predictions (a teacher, an evaluated model): missing
+            weights are refused with :class:`UntrainedHeadError` naming them and the fix, unless
+            ``allow_untrained`` (then one warning). Otherwise (a student or a model to fine-tune,
+            which train their head) one info line.
+        allow_untrained: go on with a warning instead of refusing.
+        opt_out: the option that sets ``allow_untrained``, named in the refusal.
+    """
+    missing = sorted(missing)
+    if not missing:
+        return
+    names = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+    if not predicts:
+        logger.info("%s %s: %s not in the checkpoint, initialised at random (trained from here)", role, folder, names)
+        return
+    if allow_untrained:
+        logger.warning("%s %s: %s not in the checkpoint, initialised at random (seeded): it predicts with an "
+                       "untrained head, as %s allows", role, folder, names, opt_out or "the caller")
+        return
+    hint = f", or pass {opt_out} to go on with a random head" if opt_out else ""
+    raise UntrainedHeadError(
+        f"the {role} {folder} has no trained task head: {names} not in the checkpoint (it would predict with "
+        f"random weights); fine-tune it on the task first (bert-emd finetune --model {folder} ...){hint}"
+    )
 
 
 def float32_kwargs() -> dict[str, Any]:
@@ -90,13 +142,19 @@ def load_model(
     problem_type: str | None = None,
     attn_implementation: str | None = None,
     label_list: Sequence[str] | None = None,
+    role: str = "model",
+    predicts: bool = False,
+    allow_untrained: bool = False,
+    opt_out: str | None = None,
 ) -> nn.Module:
     """A ``*ForSequenceClassification`` model from a local folder (no hub look-up), in float32
     (see :func:`float32_kwargs`).
 
     A bare encoder checkpoint (e.g. ``BertModel``) gets a freshly initialised classification head
     with ``num_labels`` outputs; a classifier checkpoint keeps its head (``num_labels`` must then
-    agree, else a UsageError).
+    agree, else a UsageError). Weights missing from the checkpoint (such a fresh head) are
+    reported by :func:`check_trained_weights`: refused when the model ``predicts`` (a teacher, a
+    model to score) unless ``allow_untrained``, one info line otherwise.
 
     Args:
         path: local checkpoint folder (``config.json`` + weights).
@@ -104,6 +162,7 @@ def load_model(
         problem_type: ``"regression"`` or ``"single_label_classification"``.
         attn_implementation: e.g. ``"eager"`` (needed for ``output_attentions``).
         label_list: class names, stored in the config as ``id2label``.
+        role, predicts, allow_untrained, opt_out: see :func:`check_trained_weights`.
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
@@ -126,12 +185,15 @@ def load_model(
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     verbosity = hf_logging.get_verbosity()
-    if not is_classifier:
-        hf_logging.set_verbosity_error()  # the "newly initialized classifier" report is expected
+    hf_logging.set_verbosity_error()  # its multi-line load report: check_trained_weights says what matters
     try:
-        return AutoModelForSequenceClassification.from_pretrained(folder, local_files_only=True, **kwargs)
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            folder, local_files_only=True, output_loading_info=True, **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
+    check_trained_weights(folder, info.get("missing_keys", ()), role=role, predicts=predicts,
+                          allow_untrained=allow_untrained, opt_out=opt_out)
+    return model
 
 
 def encoder_layers(model: nn.Module) -> nn.ModuleList:

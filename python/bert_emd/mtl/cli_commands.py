@@ -47,6 +47,10 @@ def add_subcommands(sub: Any) -> None:
                         "(bert_emd.attention_costs): no attention maps are formed, the student and the "
                         "teachers keep their attention implementation (SDPA); overrides "
                         "distillation.fused_attention: false")
+    p.add_argument("--allow-untrained-teacher", action="store_true",
+                   help="distillation: go on (with a warning) when a task's teacher checkpoint lacks its task "
+                        "head, which is then random (seeded by --seed); by default such a teacher is refused; "
+                        "overrides distillation.allow_untrained_teacher: false")
     p = msub.add_parser("evaluate", allow_abbrev=False, help="score a saved multi-task model on each task")
     p.add_argument("--model", required=True, help="folder written by 'bert-emd mtl train'")
     p.add_argument("--config", default=None,
@@ -72,9 +76,13 @@ def dispatch(args: argparse.Namespace, rest: list[str]) -> int:
         require_hf((*HF_MODULES, "yaml"))
     if cmd == "train":
         cfg = load_config(args.config)
-        if args.fused_attention and not cfg.distillation.enabled:
-            raise UsageError(f"--fused-attention applies to distillation, and {args.config} has no enabled "
-                             "'distillation' section")
+        for flag, on in (("--fused-attention", args.fused_attention),
+                         ("--allow-untrained-teacher", args.allow_untrained_teacher)):
+            if on and not cfg.distillation.enabled:
+                raise UsageError(f"{flag} applies to distillation, and {args.config} has no enabled "
+                                 "'distillation' section")
+        if args.allow_untrained_teacher:
+            cfg.distillation.allow_untrained_teacher = True
         res = train_from_config(
             cfg, output_dir=args.output_dir, max_steps=args.max_steps, epochs=args.epochs, seed=args.seed,
             resume=args.resume, extra=rest, progress=args.progress, fused_attention=args.fused_attention or None,
@@ -257,6 +265,8 @@ def train_from_config(
     tr = cfg.training
     out = output_dir or tr.output_dir
     seed = tr.seed if seed is None else seed
+    # before any model, head, projection or teacher is built: the same seed builds the same weights in
+    # every run and on every rank (a teacher's missing head, allowed by allow_untrained_teacher, too)
     set_seed(seed)
     check_model_folders(cfg)
     tokenizer = _tokenizer(cfg)
@@ -298,7 +308,8 @@ def train_from_config(
 
         d = cfg.distillation
         maps = _needs_attention_maps(cfg, fused_attention)
-        teachers = load_teachers(cfg.tasks, multitask_teacher=d.teacher, attn_implementation="eager" if maps else None)
+        teachers = load_teachers(cfg.tasks, multitask_teacher=d.teacher, attn_implementation="eager" if maps else None,
+                                 allow_untrained=d.allow_untrained_teacher)
         # (with "scores" or fused_attention, from_models hooks the query/key projections of the student and the
         # teachers)
         loss = MultiTaskEMDLoss.from_models(

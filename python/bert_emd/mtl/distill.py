@@ -610,17 +610,25 @@ def load_teachers(
     *,
     multitask_teacher: str | os.PathLike | None = None,
     attn_implementation: str | None = "eager",
+    allow_untrained: bool = False,
 ) -> TeacherSet:
     """Teachers from local folders: one multi-task teacher (saved by ``bert-emd mtl train``), or
     each task's ``teacher`` (a fine-tuned Hugging Face classifier / token classifier; folders
-    shared by several tasks are loaded once)."""
+    shared by several tasks are loaded once).
+
+    A task teacher whose checkpoint lacks weights of the model it is loaded as (its task head: a
+    bare encoder checkpoint) would teach with random predictions: it is refused with a
+    :class:`~bert_emd.distill.students.UntrainedHeadError` naming the folder and the weights,
+    unless ``allow_untrained`` (then a warning; the head is drawn from the torch generator, which
+    the caller seeds). A multi-task teacher must hold every weight (:meth:`MultiTaskModel.from_pretrained`)."""
     if multitask_teacher is not None:
         return TeacherSet(multitask=MultiTaskModel.from_pretrained(multitask_teacher,
                                                                    attn_implementation=attn_implementation))
     from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+    from transformers.utils import logging as hf_logging
 
     from ..distill.data import MissingFileError
-    from ..distill.students import check_model_folder, float32_kwargs
+    from ..distill.students import check_model_folder, check_trained_weights, float32_kwargs
     from ..errors import UsageError
 
     loaded: dict[tuple[str, str], nn.Module] = {}
@@ -640,14 +648,23 @@ def load_teachers(
         if key not in loaded:
             # float32 whatever the checkpoint's dtype (see float32_kwargs): the teachers' hidden
             # states meet the student's in float32 costs, as in single-task distillation
-            kwargs: dict[str, Any] = {"local_files_only": True, **float32_kwargs()}
+            kwargs: dict[str, Any] = {"local_files_only": True, "output_loading_info": True, **float32_kwargs()}
             if attn_implementation is not None:
                 kwargs["attn_implementation"] = attn_implementation
             check_model_folder(path, f"task {spec.name!r}: teacher")
+            if allow_untrained and not _has_head(path, cls):
+                kwargs["num_labels"] = spec.num_labels  # the random head gets the task's outputs
+            verbosity = hf_logging.get_verbosity()
+            hf_logging.set_verbosity_error()  # its load report: check_trained_weights says what matters
             try:
-                loaded[key] = cls.from_pretrained(path, **kwargs)
+                loaded[key], info = cls.from_pretrained(path, **kwargs)
             except OSError as err:
                 raise MissingFileError(f"task {spec.name!r}: cannot load the teacher from {path}: {err}") from err
+            finally:
+                hf_logging.set_verbosity(verbosity)
+            check_trained_weights(path, info.get("missing_keys", ()), role=f"teacher of task {spec.name!r}",
+                                  predicts=True, allow_untrained=allow_untrained,
+                                  opt_out="--allow-untrained-teacher (distillation.allow_untrained_teacher: true)")
         model = loaded[key]
         n_out = getattr(getattr(model, "config", None), "num_labels", None)
         if n_out is not None and n_out != spec.num_labels:
@@ -656,6 +673,16 @@ def load_teachers(
             )
         teachers[spec.name] = model
     return TeacherSet(teachers)
+
+
+def _has_head(path: str, cls: type) -> bool:
+    """Whether the checkpoint in ``path`` was saved as a model with ``cls``'s kind of head
+    (``*ForSequenceClassification`` / ``*ForTokenClassification``, by its config's architectures)."""
+    from transformers import AutoConfig
+
+    kind = "ForTokenClassification" if "TokenClassification" in cls.__name__ else "ForSequenceClassification"
+    archs = AutoConfig.from_pretrained(path, local_files_only=True).architectures or []
+    return any(a.endswith(kind) for a in archs)
 
 
 def distillation_step(

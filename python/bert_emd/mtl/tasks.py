@@ -607,7 +607,10 @@ class DistillOptions:
     linearly from 0 to 1 over training instead (Clark et al., 2019). ``attention_source``:
     ``"probs"`` (post-softmax maps) or ``"scores"`` (pre-softmax, from query/key hooks);
     ``fused_attention``: attention costs from the hooked queries and keys, no attention maps
-    (``bert-emd mtl train --fused-attention`` also switches it on).
+    (``bert-emd mtl train --fused-attention`` also switches it on). ``allow_untrained_teacher``: go
+    on (with a warning) when a task's teacher checkpoint lacks its task head, which is then random
+    (seeded by ``training.seed``); by default such a teacher is refused (``bert-emd mtl train
+    --allow-untrained-teacher`` also switches it on).
     """
 
     enabled: bool = False
@@ -625,6 +628,7 @@ class DistillOptions:
     use_prediction: bool = True
     attention_source: Literal["probs", "scores"] = "probs"
     fused_attention: bool = False
+    allow_untrained_teacher: bool = False
 
     def __post_init__(self) -> None:
         for name in _DISTILL_SWITCHES:
@@ -643,7 +647,7 @@ class DistillOptions:
 
 
 _DISTILL_SWITCHES = ("enabled", "teacher_annealing", "use_attention", "use_hidden", "use_embedding", "use_prediction",
-                     "fused_attention")
+                     "fused_attention", "allow_untrained_teacher")
 
 
 @dataclass
