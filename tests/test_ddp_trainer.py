@@ -67,24 +67,34 @@ def _torchrun() -> list[str]:
             "--master_port", str(free_port())]
 
 
-def _launch(ref: dict[str, Path], out: Path, launcher: list[str], batch: int = 4, extra: tuple[str, ...] = (),
-            env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    """Run ``launcher -m bert_emd.cli distill`` (gloo, ``batch`` rows per process, then ``extra``) on
-    :func:`single_run`'s teacher and table into ``out``; assert that it succeeded.
+def launch_command(ref: dict[str, Path], out: Path, launcher: list[str], batch: int = 4, extra: tuple[str, ...] = (),
+                   env: dict[str, str] | None = None,
+                   target: tuple[str, ...] = ("-m", "bert_emd.cli")) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment of ``launcher target distill`` (gloo, ``batch`` rows per
+    process, then ``extra``) on :func:`single_run`'s teacher and table into ``out``.
 
     Args:
-        ref: :func:`single_run`'s teacher, training table and reference output folder.
+        ref: :func:`single_run`'s teacher and training table (a dict with those two keys suffices).
         out: output folder of the launched run.
-        launcher: the launcher's command line up to (not including) ``-m bert_emd.cli``.
+        launcher: the launcher's command line up to (not including) ``target``.
         batch: ``--per_device_train_batch_size``.
         extra: more distill options (after the defaults of :func:`_argv`, so they override them).
         env: extra environment variables for the launcher.
-        check: assert that it succeeded (else the caller inspects the returned process).
+        target: what the launcher runs: ``-m bert_emd.cli``, or a driver script and its own arguments
+            (which then receives the CLI's arguments, ``distill ...``).
     """
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     full_env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p])
-    cmd = [*launcher, "-m", "bert_emd.cli", "distill", *_argv(ref["teacher"], ref["train"], out, batch, *extra),
+    cmd = [*launcher, *target, "distill", *_argv(ref["teacher"], ref["train"], out, batch, *extra),
            "--ddp_backend", "gloo"]
+    return cmd, full_env
+
+
+def _launch(ref: dict[str, Path], out: Path, launcher: list[str], batch: int = 4, extra: tuple[str, ...] = (),
+            env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``launcher -m bert_emd.cli distill`` (:func:`launch_command`, whose arguments these are) and,
+    with ``check``, assert that it succeeded (else the caller inspects the returned process)."""
+    cmd, full_env = launch_command(ref, out, launcher, batch, extra, env)
     proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=300)
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
