@@ -8,7 +8,10 @@ import sys
 from pathlib import Path
 
 
-def snippet(name: str, readme: Path = Path(__file__).resolve().parents[1] / "README.md") -> str:
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def snippet(name: str, readme: Path = README) -> str:
     text = readme.read_text()
     m = re.search(rf"<!-- snippet: {re.escape(name)} -->\s*```python\n(.*?)```", text, re.S)
     if m is None:

@@ -133,12 +133,12 @@ def _run(site: Path, code: str, env: dict[str, str]) -> subprocess.CompletedProc
 def test_without_a_compiler_the_python_backends_serve_with_one_warning(tmp_path):
     site = _pure_install(tmp_path)
     env = {"CXX": str(tmp_path / "no-such-compiler"), "BERT_EMD_CACHE": str(tmp_path / "cache")}
-    code = textwrap.dedent("""
+    code = textwrap.dedent(f"""
         import warnings
         warnings.simplefilter("always")
         import torch, bert_emd
         from bert_emd import _ext
-        assert bert_emd.__file__.startswith(%r), bert_emd.__file__
+        assert bert_emd.__file__.startswith({str(site)!r}), bert_emd.__file__
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             for _ in range(3):
@@ -148,7 +148,7 @@ def test_without_a_compiler_the_python_backends_serve_with_one_warning(tmp_path)
         assert len(msgs) == 1 and "no C++ compiler" in msgs[0], msgs
         assert not _ext.has_extension()
         print("ok")
-    """ % str(site))
+    """)
     out = _run(site, code, env)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
     info = _run(site, "from bert_emd.cli import main; main(['info'])", env)
