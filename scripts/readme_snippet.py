@@ -7,7 +7,6 @@ import re
 import sys
 from pathlib import Path
 
-
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
