@@ -21,7 +21,16 @@ from typing import Any
 
 from .data import MissingFileError
 
-__all__ = ["find_run_files", "plot_comparison", "plot_layer_weights", "plot_losses", "plot_run", "plot_transport"]
+__all__ = [
+    "find_run_files",
+    "plot_comparison",
+    "plot_curves",
+    "plot_intervals",
+    "plot_layer_weights",
+    "plot_losses",
+    "plot_run",
+    "plot_transport",
+]
 
 _WEIGHT_KEY = re.compile(r"^w_(student|teacher)(?:_(attention|hidden))?\.(\d+)$")
 _PARTS = ("attention", "hidden", "embedding", "prediction")
@@ -238,6 +247,78 @@ def plot_comparison(rows: list[dict[str, Any]], path: str | Path, *, metric: str
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_curves(panels: dict[str, dict[str, list[tuple[float, float]]]], path: str | Path, *, title: str = "",
+                xlabel: str = "step", log: bool = True) -> Path | None:
+    """Line plots side by side: ``{panel title: {label: [(x, y), ...]}}`` (e.g. the stage-1
+    training loss and its parts per layer mapping). None if every series is empty."""
+    panels = {t: {k: v for k, v in series.items() if v} for t, series in panels.items()}
+    panels = {t: series for t, series in panels.items() if series}
+    if not panels:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (panel, series) in zip(axes[0], panels.items()):
+        for label, pts in series.items():
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, label=label)
+        if log and all(y > 0 for pts in series.values() for _, y in pts):
+            ax.set_yscale("log")
+        ax.set_title(panel)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_intervals(rows: list[dict[str, Any]], path: str | Path, *, reference_name: str = "",
+                   metric: str = "test accuracy", teacher: float | None = None, baseline: float | None = None,
+                   title: str = "") -> Path:
+    """Two panels per row: test accuracy (mean, +-1 sd bar, one dot per seed; teacher and
+    majority class as lines) and the paired difference to the reference row with its interval
+    (a dot at 0 for the reference itself). ``rows``: ``{"name", "values": [acc, ...],
+    "diff": float | None, "lo": float | None, "hi": float | None}``, fractions."""
+    plt = _plt()
+    import numpy as np
+
+    n = len(rows)
+    ys = np.arange(n)[::-1]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 0.45 * n + 1.8), sharey=True)
+    for y, r in zip(ys, rows):
+        vals = np.asarray(r["values"], dtype=float) * 100
+        sd = vals.std(ddof=1) if len(vals) > 1 else 0.0
+        ax.errorbar(vals.mean(), y, xerr=sd, fmt="o", color="tab:blue", capsize=3)
+        ax.plot(vals, [y] * len(vals), "k.", ms=4)
+        if r.get("diff") is not None:
+            d, lo, hi = 100 * r["diff"], 100 * r["lo"], 100 * r["hi"]
+            color = "tab:red" if lo > 0 or hi < 0 else "tab:gray"
+            bx.errorbar(d, y, xerr=[[d - lo], [hi - d]], fmt="o", color=color, capsize=3)
+        else:
+            bx.plot(0, y, "o", color="tab:blue")
+    if teacher is not None:
+        ax.axvline(teacher * 100, color="tab:green", ls="--", label=f"teacher {teacher * 100:.1f}")
+    if baseline is not None:
+        ax.axvline(baseline * 100, color="gray", ls=":", label=f"majority class {baseline * 100:.1f}")
+    ax.set_yticks(ys, [r["name"] for r in rows], fontsize=8)
+    ax.set_xlabel(f"{metric} (%): mean, sd, seeds")
+    ax.grid(axis="x", alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="lower left")
+    bx.axvline(0, color="k", lw=0.8)
+    bx.set_xlabel(f"{metric} minus {reference_name or 'reference'} (points), 95% interval")
+    bx.grid(axis="x", alpha=0.3)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
