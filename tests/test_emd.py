@@ -303,6 +303,26 @@ def test_validate_false_reports_invalid(backend):
     assert torch.isnan(res.plan[1]).all() and torch.isfinite(res.plan[0]).all()
 
 
+def test_reference_and_op_agree_on_invalid_problems():
+    # the reference defines a valid problem on its own (bert_emd.reference._problem) and the ops
+    # check theirs (bert_emd.ops._validate): both must mark the same problems
+    from bert_emd.ops._validate import check_emd_inputs
+    from bert_emd.reference._problem import invalid_problems, problem_weights
+
+    C = torch.rand(7, 3, 4, dtype=torch.float64)
+    a = torch.full((7, 3), 1 / 3, dtype=torch.float64)
+    b = torch.full((7, 4), 1 / 4, dtype=torch.float64)
+    C[1, 0, 2] = math.nan
+    C[2, 2, 3] = -math.inf
+    a[3, 1] = -0.1
+    b[4] = 0.0
+    a[5] *= 1 + 1e-3  # unbalanced
+    b[6, 0] += 1e-8  # within the mass tolerance: valid
+    _, _, op = check_emd_inputs(C, a, b, raise_errors=False)
+    ref = invalid_problems(C, *problem_weights(C, a, b))
+    assert op.tolist() == ref.tolist() == [False, True, True, True, True, True, False]
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="method must be"):
         emd(torch.rand(2, 2), method="simplex")

@@ -1,9 +1,16 @@
-"""Input checks of the transport ops in Python (used by the reference and Triton paths); the
-messages match the C++ checks in ``csrc/emd_common.h`` word for word where they overlap."""
+"""Input checks of the transport ops (``emd``, exact and Sinkhorn) on their Python paths: the
+``torch`` and ``triton`` backends, and the error path of the CUDA kernel (which reports invalid
+input as a status). The messages match the C++ checks in ``csrc/emd_common.h`` word for word
+where they overlap. The references in ``bert_emd.reference`` keep their own, minimal checks: the
+test oracle shares no code with the ops it checks beyond the maths it defines."""
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+__all__ = ["MASS_REL_TOL", "check_emd_inputs", "check_sinkhorn_args"]
 
 MASS_REL_TOL = 1e-6
 
@@ -85,3 +92,13 @@ def check_emd_inputs(
             f"{where}. Normalise both to the same total."
         )
     return a_full, b_full, None
+
+
+def check_sinkhorn_args(reg: float, max_iter: int, tol: float) -> None:
+    """ValueError unless reg > 0 (finite), max_iter >= 0 and tol >= 0 (finite)."""
+    if not (isinstance(reg, (int, float)) and math.isfinite(reg) and reg > 0):
+        raise ValueError(f"emd: reg must be a finite float > 0 for method='sinkhorn', got {reg!r}")
+    if max_iter < 0:
+        raise ValueError(f"emd: max_iter must be >= 0, got {max_iter}")
+    if not (math.isfinite(tol) and tol >= 0):
+        raise ValueError(f"emd: tol must be a finite float >= 0, got {tol!r}")

@@ -7,6 +7,7 @@ Registration (once for every backend):
     with the same signature;
 and one autograd rule (:func:`_setup_context`, :func:`_backward`) and one fake kernel
 (:func:`_fake`) attached to each, so every backend differentiates and traces identically.
+The Python paths check their inputs with ``bert_emd.ops._validate``.
 
 Gradients (envelope theorem: the optimal plan and duals are constants of the backward):
   d value / d cost = plan,   d value / d a = u - mean(u),   d value / d b = v - mean(v).
@@ -22,8 +23,8 @@ from typing import NamedTuple
 import torch
 
 from .. import _backends, _ext
-from ..reference._validate import check_emd_inputs
 from ..reference.emd import emd_exact_reference
+from ._validate import check_emd_inputs
 
 __all__ = ["EMDResult", "EMDStatus", "emd", "default_max_iter"]
 
@@ -96,6 +97,9 @@ def _backward(ctx, g_value, *unused):
 def _emd_exact_torch(
     cost: torch.Tensor, a: torch.Tensor | None, b: torch.Tensor | None, max_iter: int, validate: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # the op's checks (shapes, dtypes, devices always; values raise with ``validate``), then the
+    # reference, which reports invalid problems as status INVALID when not validating
+    check_emd_inputs(cost, a, b, raise_errors=validate)
     return emd_exact_reference(cost, a, b, max_iter, validate)
 
 

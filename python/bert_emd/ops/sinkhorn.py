@@ -16,7 +16,8 @@ u [..., M], v [..., N], status [...] int32)``; a, b broadcast to the batch shape
     tensors, or CPU tensors under ``TRITON_INTERPRET=1``
 Each gets one fake kernel (:func:`_fake`) and the autograd rule of the exact method
 (``bert_emd.ops.emd._setup_context`` / ``_backward``), so every backend differentiates and
-traces identically. Algorithm and conventions: ``bert_emd.reference.sinkhorn``.
+traces identically; the Python ops check their inputs with ``bert_emd.ops._validate``.
+Algorithm and conventions: ``bert_emd.reference.sinkhorn``.
 
 Convention (as POT's ``ot.solve(M, a, b, reg=reg, grad="envelope")``, with its value_linear):
   value = <P, C>, the transport cost of the entropic plan P (no entropy term);
@@ -34,7 +35,8 @@ from collections.abc import Callable
 import torch
 
 from .. import _backends, _ext
-from ..reference.sinkhorn import check_sinkhorn_args, sinkhorn_reference
+from ..reference.sinkhorn import sinkhorn_reference
+from ._validate import check_emd_inputs, check_sinkhorn_args
 from .emd import _backward as _emd_backward
 from .emd import _setup_context as _emd_setup_context
 
@@ -66,6 +68,8 @@ def _backward(ctx, g_value, *unused):
 def _sinkhorn_torch(
     cost: torch.Tensor, a: torch.Tensor | None, b: torch.Tensor | None, reg: float, max_iter: int, tol: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    check_sinkhorn_args(reg, max_iter, tol)
+    check_emd_inputs(cost, a, b)
     return sinkhorn_reference(cost, a, b, reg, max_iter, tol)
 
 
@@ -74,8 +78,6 @@ def _sinkhorn_triton(
     cost: torch.Tensor, a: torch.Tensor | None, b: torch.Tensor | None, reg: float, max_iter: int, tol: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from emd_kernels.sinkhorn import MAX_SIZE, sinkhorn_triton
-
-    from ..reference._validate import check_emd_inputs
 
     check_sinkhorn_args(reg, max_iter, tol)
     a_full, b_full, _ = check_emd_inputs(cost, a, b)

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from ._validate import check_emd_inputs
+from ._problem import invalid_problems, problem_weights
 
 __all__ = ["solve_transport", "emd_exact_reference"]
 
@@ -137,9 +137,18 @@ def emd_exact_reference(
     max_iter: int,
     validate: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Batched wrapper with the op contract of ``bert_emd::emd_exact`` (see ``bert_emd.emd``)."""
+    """Batched wrapper with the op contract of ``bert_emd::emd_exact`` (see ``bert_emd.emd``).
+
+    Invalid problems (:func:`~bert_emd.reference._problem.invalid_problems`) raise a
+    ``ValueError`` with ``validate``, else get status 2 and NaN outputs. The shapes, dtypes and
+    devices are taken as given: ``bert_emd.emd`` checks them (and names the invalid value)
+    before it calls this.
+    """
     batch, (M, N) = cost.shape[:-2], cost.shape[-2:]
-    a_full, b_full, errors = check_emd_inputs(cost, a, b, raise_errors=validate)
+    a_full, b_full = problem_weights(cost, a, b)
+    errors = invalid_problems(cost, a_full, b_full)
+    if validate and bool(errors.any()):
+        raise ValueError(f"emd (reference): problem {int(errors.nonzero()[0, 0])} of the batch is invalid")
     C64 = cost.detach().to("cpu", torch.float64).reshape(-1, M, N)
     A64 = a_full.detach().to("cpu", torch.float64).reshape(-1, M)
     B64 = b_full.detach().to("cpu", torch.float64).reshape(-1, N)
@@ -150,7 +159,7 @@ def emd_exact_reference(
     v = torch.full((nb, N), math.nan, dtype=torch.float64)
     status = torch.full((nb,), STATUS_INVALID, dtype=torch.int32)
     for t in range(nb):
-        if errors is not None and errors[t]:
+        if errors[t]:
             continue
         val, P, ut, vt, st = solve_transport(C64[t].tolist(), A64[t].tolist(), B64[t].tolist(), max_iter)
         f64 = torch.float64

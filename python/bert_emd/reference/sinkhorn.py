@@ -41,7 +41,7 @@ import math
 
 import torch
 
-from ._validate import check_emd_inputs
+from ._problem import invalid_problems, problem_weights
 
 __all__ = ["sinkhorn_reference", "sinkhorn_log"]
 
@@ -109,16 +109,6 @@ def sinkhorn_log(
     return value, plan, reg * phi, reg * psi, status
 
 
-def check_sinkhorn_args(reg: float, max_iter: int, tol: float) -> None:
-    """ValueError unless reg > 0 (finite), max_iter >= 0 and tol >= 0 (finite)."""
-    if not (isinstance(reg, (int, float)) and math.isfinite(reg) and reg > 0):
-        raise ValueError(f"emd: reg must be a finite float > 0 for method='sinkhorn', got {reg!r}")
-    if max_iter < 0:
-        raise ValueError(f"emd: max_iter must be >= 0, got {max_iter}")
-    if not (math.isfinite(tol) and tol >= 0):
-        raise ValueError(f"emd: tol must be a finite float >= 0, got {tol!r}")
-
-
 def sinkhorn_reference(
     cost: torch.Tensor,
     a: torch.Tensor | None,
@@ -139,11 +129,16 @@ def sinkhorn_reference(
         status [...] int32 (0 converged, 1 max_iter reached).
 
     Raises:
-        ValueError: invalid shapes, dtypes, devices or values (NaN/Inf cost, negative weights,
-            unequal masses, reg <= 0).
+        ValueError: reg <= 0, max_iter < 0, tol < 0, or an invalid problem (NaN/Inf cost,
+            negative weights, unequal masses). Shapes, dtypes and devices are taken as given:
+            the op (``bert_emd.ops.sinkhorn``) checks them, and names the invalid value, first.
     """
-    check_sinkhorn_args(reg, max_iter, tol)
-    a_full, b_full, _ = check_emd_inputs(cost, a, b)
+    if not (reg > 0 and max_iter >= 0 and tol >= 0):
+        raise ValueError(f"sinkhorn (reference): needs reg > 0, max_iter >= 0, tol >= 0, got {reg}, {max_iter}, {tol}")
+    a_full, b_full = problem_weights(cost, a, b)
+    errors = invalid_problems(cost, a_full, b_full)
+    if bool(errors.any()):
+        raise ValueError(f"sinkhorn (reference): problem {int(errors.nonzero()[0, 0])} of the batch is invalid")
     batch, (M, N) = cost.shape[:-2], cost.shape[-2:]
     value, plan, u, v, status = sinkhorn_log(
         cost.detach().reshape(-1, M, N), a_full.detach().reshape(-1, M), b_full.detach().reshape(-1, N),
