@@ -38,11 +38,10 @@ from ..reference.attention_costs import (
     attention_costs_materialized_grad,
     attention_lse,
 )
-from .layer_costs import _OPS as _LAYER_COST_OPS
+from ._common import LAYER_COSTS_OPS, SUPPORTED_DTYPES, grad_flags
 
 __all__ = ["attention_costs"]
 
-_SUPPORTED = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _SOURCES = ("scores", "probs")
 _FWD_SCHEMA = ("(Tensor[] sq, Tensor[] sk, Tensor[] tq, Tensor[] tk, Tensor? attention_mask, Tensor? mask, "
                "float mask_value, bool probs, bool per_sample, float? attention_floor) -> (Tensor, Tensor)")
@@ -96,10 +95,6 @@ def _setup_context(ctx, inputs, output, *, bwd: str):
     ctx.mark_non_differentiable(lse)
 
 
-def _flags(flag, n: int) -> list[bool]:
-    return [bool(f) for f in flag] if isinstance(flag, (list, tuple)) else [bool(flag)] * n
-
-
 def _backward(ctx, grad, _grad_lse):
     saved = list(ctx.saved_tensors)
     M, N = ctx.M, ctx.N
@@ -109,7 +104,7 @@ def _backward(ctx, grad, _grad_lse):
     rest = saved[2 * M + 2 * N + 1 :]
     attention_mask = rest.pop(0) if ctx.has_am else None
     mask = rest.pop(0) if ctx.has_mask else None
-    flags = [_flags(f, n) for f, n in zip(ctx.needs_input_grad[:4], (M, M, N, N))]
+    flags = [grad_flags(f, n) for f, n in zip(ctx.needs_input_grad[:4], (M, M, N, N))]
     need_s = any(flags[0]) or any(flags[1])
     need_t = any(flags[2]) or any(flags[3])
     out = [[None] * n for n in (M, M, N, N)]  # the structure of the inputs, always
@@ -350,7 +345,7 @@ def _layer_cost_ops(device: torch.device):
     """The (forward, backward) layer_costs ops for CPU tiles: the C++ kernels when built, else the
     PyTorch reference."""
     name = _backends.select("layer_costs", "auto", device)
-    fwd, bwd = _LAYER_COST_OPS[name]
+    fwd, bwd = LAYER_COSTS_OPS[name]
     return getattr(torch.ops.bert_emd, fwd).default, getattr(torch.ops.bert_emd, bwd).default
 
 
@@ -711,7 +706,7 @@ def _check_side(name: str, qs: list[torch.Tensor], ks: list[torch.Tensor], devic
                 raise ValueError(
                     f"attention_costs: {name}[{i}] {what} must have shape [B, H, L, d_head], got {list(t.shape)}"
                 )
-            if t.dtype not in _SUPPORTED:
+            if t.dtype not in SUPPORTED_DTYPES:
                 raise ValueError(
                     f"attention_costs: {name}[{i}] {what} must be float32, float64, float16 or bfloat16, "
                     f"got {t.dtype}"

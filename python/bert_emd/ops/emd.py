@@ -5,9 +5,9 @@ Registration (once for every backend):
     CUDA (``csrc/cuda``);
   * ``bert_emd::emd_exact_torch`` -- the pure-Python reference as a ``torch.library.custom_op``
     with the same signature;
-and one autograd rule (:func:`_setup_context`, :func:`_backward`) and one fake kernel
-(:func:`_fake`) attached to each, so every backend differentiates and traces identically.
-The Python paths check their inputs with ``bert_emd.ops._validate``.
+and one autograd rule (the transport rule of ``bert_emd.ops._common``, shared with Sinkhorn)
+and one fake kernel (:func:`_fake`) attached to each, so every backend differentiates and traces
+identically. The Python paths check their inputs with ``bert_emd.ops._validate``.
 
 Gradients (envelope theorem: the optimal plan and duals are constants of the backward):
   d value / d cost = plan,   d value / d a = u - mean(u),   d value / d b = v - mean(v).
@@ -24,6 +24,7 @@ import torch
 
 from .. import _backends, _ext
 from ..reference.emd import emd_exact_reference
+from ._common import transport_grads, transport_setup_context
 from ._validate import check_emd_inputs
 
 __all__ = ["EMDResult", "EMDStatus", "emd", "default_max_iter"]
@@ -70,27 +71,8 @@ def _fake(cost, a, b, max_iter, validate):
     )
 
 
-def _setup_context(ctx, inputs, output):
-    a, b = inputs[1], inputs[2]
-    _, plan, u, v, _ = output
-    ctx.a_shape = None if a is None else a.shape
-    ctx.b_shape = None if b is None else b.shape
-    ctx.a_dtype = None if a is None else a.dtype
-    ctx.b_dtype = None if b is None else b.dtype
-    ctx.save_for_backward(plan, u, v)
-    ctx.mark_non_differentiable(*output[1:])
-
-
 def _backward(ctx, g_value, *unused):
-    plan, u, v = ctx.saved_tensors
-    g_cost = g_a = g_b = None
-    if ctx.needs_input_grad[0]:
-        g_cost = g_value[..., None, None] * plan
-    if ctx.needs_input_grad[1]:
-        g_a = (g_value[..., None] * (u - u.mean(-1, keepdim=True))).sum_to_size(ctx.a_shape).to(ctx.a_dtype)
-    if ctx.needs_input_grad[2]:
-        g_b = (g_value[..., None] * (v - v.mean(-1, keepdim=True))).sum_to_size(ctx.b_shape).to(ctx.b_dtype)
-    return g_cost, g_a, g_b, None, None
+    return (*transport_grads(ctx, g_value), None, None)  # max_iter, validate: no gradient
 
 
 @torch.library.custom_op("bert_emd::emd_exact_torch", mutates_args=())
@@ -105,7 +87,7 @@ def _emd_exact_torch(
 
 def _register(opname: str) -> None:
     torch.library.register_fake(opname)(_fake)
-    torch.library.register_autograd(opname, _backward, setup_context=_setup_context)
+    torch.library.register_autograd(opname, _backward, setup_context=transport_setup_context)
 
 
 _register("bert_emd::emd_exact_torch")

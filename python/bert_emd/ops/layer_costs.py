@@ -27,10 +27,11 @@ import torch
 
 from .. import _backends, _ext
 from ..reference.layer_costs import layer_costs_grad, layer_costs_loop
+from ._common import LAYER_COSTS_OPS as _OPS
+from ._common import SUPPORTED_DTYPES, grad_flags
 
 __all__ = ["layer_costs"]
 
-_SUPPORTED = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _FWD_SCHEMA = ("(Tensor[] student, Tensor[] teacher, Tensor? mask, bool per_sample, "
                "float? attention_floor) -> Tensor")
 _BWD_SCHEMA = ("(Tensor grad, Tensor[] student, Tensor[] teacher, Tensor? mask, bool per_sample, "
@@ -70,7 +71,7 @@ def _backward(ctx, grad):
     teacher = list(saved[ctx.M : ctx.M + ctx.N])
     mask = saved[-1] if ctx.has_mask else None
     # needs_input_grad holds one flag per layer for the Tensor[] arguments
-    flags_s, flags_t = (_flags(f, n) for f, n in zip(ctx.needs_input_grad[:2], (ctx.M, ctx.N)))
+    flags_s, flags_t = (grad_flags(f, n) for f, n in zip(ctx.needs_input_grad[:2], (ctx.M, ctx.N)))
     need_s, need_t = any(flags_s), any(flags_t)
     gs, gt = [None] * ctx.M, [None] * ctx.N  # the structure of the inputs, always
     if need_s or need_t:
@@ -80,10 +81,6 @@ def _backward(ctx, grad):
         if need_t:
             gt = [g if f else None for g, f in zip(all_t, flags_t)]
     return gs, gt, None, None, None
-
-
-def _flags(flag, n: int) -> list[bool]:
-    return [bool(f) for f in flag] if isinstance(flag, (list, tuple)) else [bool(flag)] * n
 
 
 def _fwd_torch(student, teacher, mask, per_sample, attention_floor):
@@ -112,12 +109,6 @@ for _suffix, _fwd, _bwd in (("torch", _fwd_torch, _bwd_torch), ("triton", _fwd_t
                             schema=_FWD_SCHEMA)
     torch.library.custom_op(f"bert_emd::layer_costs_bwd_{_suffix}", _bwd, mutates_args=(),
                             schema=_BWD_SCHEMA)
-
-_OPS = {  # backend -> (forward op, backward op) names in torch.ops.bert_emd
-    "cpu": ("layer_costs_fwd", "layer_costs_bwd"),
-    "torch": ("layer_costs_fwd_torch", "layer_costs_bwd_torch"),
-    "triton": ("layer_costs_fwd_triton", "layer_costs_bwd_triton"),
-}
 
 
 def _register(fwd: str, bwd: str) -> None:
@@ -163,7 +154,7 @@ def _check(student, teacher, mask, per_sample, attention_floor) -> None:
         raise ValueError("layer_costs: student[0] must have shape [B, ...] (at least 1 dim), got a 0-dim tensor")
     for name, layers in (("student", student), ("teacher", teacher)):
         for i, t in enumerate(layers):
-            if t.dtype not in _SUPPORTED:
+            if t.dtype not in SUPPORTED_DTYPES:
                 raise ValueError(
                     f"layer_costs: {name}[{i}] must be float32, float64, float16 or bfloat16, got {t.dtype}"
                 )

@@ -14,10 +14,10 @@ u [..., M], v [..., N], status [...] int32)``; a, b broadcast to the batch shape
   * ``bert_emd::sinkhorn_torch``   the PyTorch reference, any device
   * ``bert_emd::sinkhorn_triton``  Triton (``emd_kernels/sinkhorn.py``), M, N <= 64; CUDA
     tensors, or CPU tensors under ``TRITON_INTERPRET=1``
-Each gets one fake kernel (:func:`_fake`) and the autograd rule of the exact method
-(``bert_emd.ops.emd._setup_context`` / ``_backward``), so every backend differentiates and
-traces identically; the Python ops check their inputs with ``bert_emd.ops._validate``.
-Algorithm and conventions: ``bert_emd.reference.sinkhorn``.
+Each gets one fake kernel (:func:`_fake`) and the autograd rule of the exact method (the
+transport rule of ``bert_emd.ops._common``), so every backend differentiates and traces
+identically; the Python ops check their inputs with ``bert_emd.ops._validate``. Algorithm and
+conventions: ``bert_emd.reference.sinkhorn``.
 
 Convention (as POT's ``ot.solve(M, a, b, reg=reg, grad="envelope")``, with its value_linear):
   value = <P, C>, the transport cost of the entropic plan P (no entropy term);
@@ -36,9 +36,8 @@ import torch
 
 from .. import _backends, _ext
 from ..reference.sinkhorn import sinkhorn_reference
+from ._common import transport_grads, transport_setup_context
 from ._validate import check_emd_inputs, check_sinkhorn_args
-from .emd import _backward as _emd_backward
-from .emd import _setup_context as _emd_setup_context
 
 __all__ = ["DEFAULT_MAX_ITER", "sinkhorn_dispatch", "sinkhorn_op"]
 
@@ -60,8 +59,7 @@ def _fake(cost, a, b, reg, max_iter, tol):
 
 
 def _backward(ctx, g_value, *unused):
-    g = _emd_backward(ctx, g_value, *unused)
-    return g[0], g[1], g[2], None, None, None  # reg, max_iter, tol: no gradient
+    return (*transport_grads(ctx, g_value), None, None, None)  # reg, max_iter, tol: no gradient
 
 
 @torch.library.custom_op("bert_emd::sinkhorn_torch", mutates_args=())
@@ -99,7 +97,7 @@ def _sinkhorn_triton(
 
 def _register(opname: str) -> None:
     torch.library.register_fake(opname)(_fake)
-    torch.library.register_autograd(opname, _backward, setup_context=_emd_setup_context)
+    torch.library.register_autograd(opname, _backward, setup_context=transport_setup_context)
 
 
 _OPS = ["bert_emd::sinkhorn_torch", "bert_emd::sinkhorn_triton"]
