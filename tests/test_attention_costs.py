@@ -16,6 +16,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from bert_emd._backends import BackendError  # noqa: E402
 from bert_emd.ops import attention_costs as AC  # noqa: E402
+from bert_emd.ops import attention_costs_cpu as ACC  # noqa: E402
+from bert_emd.ops._common import Live, live_spans  # noqa: E402
 from bert_emd.ops.attention_costs import attention_costs  # noqa: E402
 from bert_emd.ops.layer_costs import layer_costs  # noqa: E402
 from bert_emd.reference.attention_costs import (  # noqa: E402
@@ -278,7 +280,7 @@ def test_input_forms_and_strides_agree(rng):
 def test_cpu_chunking_is_exact(monkeypatch, chunk, rng):
     """Chunks of one query row, several rows, whole heads (2 of 3: a ragged head block), whole
     samples, several samples: same values and gradients as the reference."""
-    monkeypatch.setattr(AC, "CPU_CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr(ACC, "CPU_CHUNK_ELEMENTS", chunk)
     B, H, L = 3, 3, 13
     S, T = _side(rng, 2, B, H, L, 4), _side(rng, 2, B, H, L, 8)
     am, tm = _masks(rng, B, L)
@@ -335,15 +337,15 @@ def test_cpu_skips_keys_and_rows_that_add_nothing(monkeypatch, source, rng):
     tm[5, 0] = False  # a token mask dropping one more row and key
     floor = -100.0 if source == "scores" else None
     computed = []
-    real_chunks = AC._chunks
+    real_chunks = ACC._chunks
 
     def counting(*a, **k):
         for c in real_chunks(*a, **k):
             computed.append((c.b1 - c.b0) * c.entries)
             yield c
 
-    monkeypatch.setattr(AC, "_chunks", counting)
-    monkeypatch.setattr(AC, "CPU_CHUNK_ELEMENTS", 2000)  # one sample a chunk: its own box
+    monkeypatch.setattr(ACC, "_chunks", counting)
+    monkeypatch.setattr(ACC, "CPU_CHUNK_ELEMENTS", 2000)  # one sample a chunk: its own box
     full = B * H * L * L
     for scale, mask_value, token_mask, skips in ((1.0, -10000.0, None, True), (1.0, -10000.0, tm, True),
                                                  (300.0, -10000.0, None, False), (1.0, -101.0, None, False)):
@@ -352,7 +354,7 @@ def test_cpu_skips_keys_and_rows_that_add_nothing(monkeypatch, source, rng):
             mask_value = -50.0  # exp(-50) is no underflow: padded keys keep a probability
         kw = dict(attention_mask=am, mask=token_mask, source=source, attention_floor=floor, per_sample=True,
                   mask_value=mask_value)
-        boxes = AC._live_boxes(*(list(x) for x in zip(*S)), *(list(x) for x in zip(*T)), am, token_mask,
+        boxes = ACC._live_boxes(*(list(x) for x in zip(*S)), *(list(x) for x in zip(*T)), am, token_mask,
                                mask_value, source == "probs", floor, torch.float64)
         if skips:
             cols = {0: (0, 7), 1: (3, 11), 2: (0, 11), 3: (0, 11), 5: (0, 8)}
@@ -393,14 +395,14 @@ def test_cpu_scores_backward_by_gram_products(monkeypatch, per_sample, rng):
     tm = am.clone()
     tm[2, 0] = False
     used = []
-    real_side = AC._bwd_lowrank_side
+    real_side = ACC._bwd_lowrank_side
 
     def recording(Gn, X, Y, live, samples, dq, dk):
         used.extend(samples)
         return real_side(Gn, X, Y, live, samples, dq, dk)
 
-    monkeypatch.setattr(AC, "_bwd_lowrank_side", recording)
-    monkeypatch.setattr(AC, "CPU_CHUNK_ELEMENTS", 3000)
+    monkeypatch.setattr(ACC, "_bwd_lowrank_side", recording)
+    monkeypatch.setattr(ACC, "CPU_CHUNK_ELEMENTS", 3000)
     for floor, token_mask, scale, linear in ((None, None, 1.0, True), (-100.0, None, 1.0, True),
                                              (-100.0, tm, 1.0, True), (None, tm, 1.0, True),
                                              (0.2, None, 1.0, False), (-100.0, None, 40.0, False)):
@@ -410,7 +412,7 @@ def test_cpu_scores_backward_by_gram_products(monkeypatch, per_sample, rng):
         G = torch.randn(ref.shape, generator=rng, dtype=torch.float64)
         want = torch.autograd.grad((ref.nan_to_num() * G).sum(), _leaves(S, T))
         for pays in (True, False):
-            monkeypatch.setattr(AC, "_lowrank_pays",  # forced, but never for a box without entries
+            monkeypatch.setattr(ACC, "_lowrank_pays",  # forced, but never for a box without entries
                                 lambda live, b, *a, pays=pays: pays and live.boxes[b][3] > live.boxes[b][2])
             used.clear()
             D = attention_costs(S, T, backend="cpu", **kw)
@@ -427,12 +429,12 @@ def test_gram_backward_pays_for_long_rows():
     """The Gram-product backward is chosen by multiply-adds: TinyBERT-4 against BERT-base at
     L = 512 (about half the recompute's), not at L = 128; a sample without live rows never."""
     def live(r, w):
-        return AC._Live(torch.ones(1, 512, dtype=torch.bool), torch.ones(1, 512, dtype=torch.bool), [(0, r, 0, w)])
+        return Live(torch.ones(1, 512, dtype=torch.bool), torch.ones(1, 512, dtype=torch.bool), [(0, r, 0, w)])
 
-    assert AC._lowrank_pays(live(512, 512), 0, 4, 12, 26, 64)
-    assert AC._lowrank_pays(live(512, 512), 0, 12, 4, 64, 26)  # the teacher's side
-    assert not AC._lowrank_pays(live(128, 128), 0, 4, 12, 26, 64)
-    assert not AC._lowrank_pays(live(0, 0), 0, 4, 12, 26, 64)
+    assert ACC._lowrank_pays(live(512, 512), 0, 4, 12, 26, 64)
+    assert ACC._lowrank_pays(live(512, 512), 0, 12, 4, 64, 26)  # the teacher's side
+    assert not ACC._lowrank_pays(live(128, 128), 0, 4, 12, 26, 64)
+    assert not ACC._lowrank_pays(live(0, 0), 0, 4, 12, 26, 64)
 
 
 def test_triton_kernels_sweep_only_the_live_box(rng):
@@ -450,7 +452,7 @@ def test_triton_kernels_sweep_only_the_live_box(rng):
     am[0, 20:] = False
     for source, floor in (("scores", -100.0), ("probs", None)):
         probs = source == "probs"
-        box = AC._triton_box(sq, sk, tq, tk, am, None, -10000.0, probs, floor)
+        box = live_spans(sq, sk, tq, tk, am, None, -10000.0, probs, floor)
         assert box.tolist() == [[0, L, 0, 20], [0, L, 0, L]]
         args = (sq, sk, tq, tk, am, None, -10000.0, probs, True, floor)
         full, lse = attention_costs_fwd(*args, block=16)
@@ -539,7 +541,7 @@ class _LargestTensor(TorchDispatchMode):
 def test_no_attention_map_is_allocated(monkeypatch, backend, rng):
     """Forward and backward of the fused paths never allocate a tensor of one layer's map size
     B H L^2 (the chunked path holds at most its chunk budget), while the reference does."""
-    monkeypatch.setattr(AC, "CPU_CHUNK_ELEMENTS", 2048)
+    monkeypatch.setattr(ACC, "CPU_CHUNK_ELEMENTS", 2048)
     B, H, L, d = 2, 2, 48, 8
     S, T = _side(rng, 2, B, H, L, d, torch.float32, grad=False), _side(rng, 2, B, H, L, d, torch.float32, grad=False)
     sq, sk = [p[0] for p in S], [p[1] for p in S]
