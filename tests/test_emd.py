@@ -323,6 +323,19 @@ def test_reference_and_op_agree_on_invalid_problems():
     assert op.tolist() == ref.tolist() == [False, True, True, True, True, True, False]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_result_value_is_the_cost_field(backend, rng):
+    C = torch.rand(2, 3, 4, generator=rng, dtype=torch.float64, requires_grad=True)
+    for method in ("exact", "sinkhorn"):
+        res = emd(C, method=method, backend=backend)
+        assert res.value is res.cost  # the preferred name, the same tensor
+        assert res._fields == ("cost", "plan", "u", "v", "status")  # the tuple is unchanged
+        value, plan, *_ = res
+        assert value is res.value and plan is res.plan
+        (g,) = torch.autograd.grad(res.value.sum(), C)
+        torch.testing.assert_close(g, res.plan)
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="method must be"):
         emd(torch.rand(2, 2), method="simplex")

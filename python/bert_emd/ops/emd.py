@@ -41,13 +41,24 @@ class EMDStatus(enum.IntEnum):
 
 
 class EMDResult(NamedTuple):
-    """Result of :func:`emd` for a batch shape ``[...]`` and problems of size ``M x N``."""
+    """Result of :func:`emd` for a batch shape ``[...]`` and problems of size ``M x N``.
 
-    cost: torch.Tensor  #: [...] optimal transport cost sum(plan * cost), differentiable
+    Read the objective as :attr:`value`, the preferred name (POT's ``ot.solve`` calls it so; with
+    ``method="sinkhorn"`` it is the transport cost without the entropy term, POT's
+    ``value_linear``). The field ``cost`` is the same tensor under the name of :func:`emd`'s input
+    ``cost``; it stays for compatibility, and the tuple is ``(cost, plan, u, v, status)``.
+    """
+
+    cost: torch.Tensor  #: [...] transport cost sum(plan * cost), differentiable; read it as :attr:`value`
     plan: torch.Tensor  #: [..., M, N] transport plan (no gradient)
     u: torch.Tensor  #: [..., M] row duals, centred as POT (no gradient)
     v: torch.Tensor  #: [..., N] column duals (no gradient)
     status: torch.Tensor  #: [...] int32, see :class:`EMDStatus`
+
+    @property
+    def value(self) -> torch.Tensor:
+        """[...] transport cost sum(plan * cost) of the returned plan, differentiable (the ``cost`` field)."""
+        return self.cost
 
 
 def default_max_iter(M: int, N: int) -> int:
@@ -139,7 +150,8 @@ def emd(
 
     Returns:
         :class:`EMDResult` ``(cost [...], plan [..., M, N], u [..., M], v [..., N], status [...])``
-        in ``cost``'s dtype and device. Only ``cost`` carries a gradient:
+        in ``cost``'s dtype and device; the objective reads best as ``.value`` (the same tensor
+        as the ``cost`` field). Only it carries a gradient:
         d/d cost = plan, d/d a = u - mean(u), d/d b = v - mean(v).
 
     Raises:
