@@ -24,6 +24,11 @@
 // is zero) and given valid duals afterwards. The max-iteration guard is a last line of defence
 // against floating-point pathologies; reaching it is reported, never silent.
 //
+// Square problems with uniform weights (nothing dropped) are assignment problems: they go to
+// the shortest-augmenting-path solver of assignment.h instead, with the same outputs (plan
+// F = P / n, value, duals centred the same way), since degenerate pivots are most of what the
+// simplex would do on them.
+//
 // Tolerances: reduced costs are compared against 1e-12 * max|C|; flows whose eps-free part is
 // within 64 ulp of the total mass are snapped to exactly 0 so that near-ties become exact ties
 // resolved by the eps-coefficient. After the last pivot the basic flows are recomputed from the
@@ -34,6 +39,8 @@
 #include <float.h>
 #include <math.h>
 #include <stdint.h>
+
+#include "assignment.h"
 
 #if defined(__CUDACC__)
 #define BEMD_HD __host__ __device__
@@ -388,6 +395,49 @@ BEMD_HD inline void emd_initial_basis(EmdWorkspace& w, int m, int n, double ftol
 
 // Solves one problem. `max_iter` bounds the number of pivots. Returns an EmdStatus.
 // Inputs must have passed emd_check (sa, sb are its sums).
+// Write the duals w.uo [M], w.vo [N] to out, centred as POT does: (u, v) -> (u + c, v - c)
+// with c making sum a u = sum b v; the objective sum a u + sum b v is unchanged.
+template <typename T>
+BEMD_HD inline void emd_centre_duals(const EmdProblem<T>& p, const EmdOutput<T>& out, const EmdWorkspace& w,
+                                     double sa, double bscale) {
+  const int M = p.M, N = p.N;
+  double au = 0.0, bv = 0.0;
+  for (int i = 0; i < M; ++i) au += (p.a ? double(p.a[i * p.as]) : sa / M) * w.uo[i];
+  for (int j = 0; j < N; ++j) bv += (p.b ? double(p.b[j * p.bs]) * bscale : sa / N) * w.vo[j];
+  const double c = (bv - au) / (2.0 * sa);
+  for (int i = 0; i < M; ++i) out.u[i] = T(w.uo[i] + c);
+  for (int j = 0; j < N; ++j) out.v[j] = T(w.vo[j] - c);
+}
+
+BEMD_HD inline bool emd_all_equal(const double* x, int n) {
+  for (int i = 1; i < n; ++i) {
+    if (x[i] != x[0]) return false;
+  }
+  return true;
+}
+
+// The n x n problem with equal row weights and equal column weights (nothing dropped, the
+// compacted costs in w.cl): an assignment problem (assignment.h), solved without pivots.
+template <typename T>
+BEMD_HD inline int emd_solve_assignment(const EmdProblem<T>& p, const EmdOutput<T>& out, EmdWorkspace& w,
+                                        double sa, double bscale) {
+  const int n = p.M;
+  LapScratch s;
+  s.d = w.pen; s.rowsol = w.brow; s.colsol = w.bcol; s.freerows = w.order; s.collist = w.path;
+  s.pred = w.par; s.matches = w.fk;
+  lap_solve(w.cl, n, w.uo, w.vo, s);
+  for (int i = 0; i < n * n; ++i) out.plan[i] = T(0);
+  double value = 0.0;
+  for (int i = 0; i < n; ++i) {
+    const int j = s.rowsol[i];
+    out.plan[i * n + j] = T(w.wa[i]);
+    value += w.wa[i] * w.cl[i * n + j];
+  }
+  *out.value = T(value);
+  emd_centre_duals(p, out, w, sa, bscale);
+  return kOptimal;
+}
+
 template <typename T>
 BEMD_HD inline int emd_solve(const EmdProblem<T>& p, const EmdOutput<T>& out, EmdWorkspace& w,
                              double sa, double sb, int64_t max_iter) {
@@ -423,6 +473,9 @@ BEMD_HD inline int emd_solve(const EmdProblem<T>& p, const EmdOutput<T>& out, Em
       const double ac = fabs(c);
       cmax = ac > cmax ? ac : cmax;  // finite (emd_check): no libm fmax call needed
     }
+  }
+  if (m == M && n == N && M == N && M >= 2 && emd_all_equal(w.wa, m) && emd_all_equal(w.wb, n)) {
+    return emd_solve_assignment(p, out, w, sa, bscale);
   }
   const double ctol = 1e-12 * cmax;
   const int K = m + n;
@@ -581,14 +634,7 @@ BEMD_HD inline int emd_solve(const EmdProblem<T>& p, const EmdOutput<T>& out, Em
       w.vo[j] = vj;
     }
   }
-  // Centre as POT does: (u, v) -> (u + c, v - c) with c making sum a u = sum b v; the
-  // objective sum a u + sum b v is unchanged.
-  double au = 0.0, bv = 0.0;
-  for (int i = 0; i < M; ++i) au += (p.a ? double(p.a[i * p.as]) : sa / M) * w.uo[i];
-  for (int j = 0; j < N; ++j) bv += (p.b ? double(p.b[j * p.bs]) * bscale : sa / N) * w.vo[j];
-  const double c = (bv - au) / (2.0 * sa);
-  for (int i = 0; i < M; ++i) out.u[i] = T(w.uo[i] + c);
-  for (int j = 0; j < N; ++j) out.v[j] = T(w.vo[j] - c);
+  emd_centre_duals(p, out, w, sa, bscale);
   return status;
 }
 

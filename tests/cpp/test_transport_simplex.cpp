@@ -1,5 +1,6 @@
 // Unit tests of the exact solver core (csrc/core/transport_simplex.h) without torch or Python:
 // optimality by strong duality, feasibility, vertex property, degenerate and zero-weight cases.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -128,6 +129,44 @@ int main() {
       for (int i = 0; i < M; ++i) C[i * N + i] = 0.0;
       Result r = solve(C, nullptr, nullptr, M, N);
       CHECK(std::fabs(r.value) < 1e-15, "identity: value %g", r.value);
+    }
+  }
+  // Square problems with uniform weights take the assignment solver (assignment.h). Its value
+  // must equal (a) the brute-force optimum over all permutations for small n and (b) the general
+  // simplex's on the same costs with weights 1 ulp away from uniform (which takes the general
+  // path); check_optimal above has certified its plans and duals.
+  {
+    int perm[8];
+    for (int n = 2; n <= 7; ++n) {
+      for (int rep = 0; rep < 30; ++rep) {
+        std::vector<double> C(size_t(n) * n);
+        for (auto& c : C) c = rep % 3 == 0 ? std::floor(U(rng) * 4) : U(rng);
+        Result r = solve(C, nullptr, nullptr, n, n);
+        for (int i = 0; i < n; ++i) perm[i] = i;
+        double best = INFINITY;
+        do {
+          double s = 0;
+          for (int i = 0; i < n; ++i) s += C[i * n + perm[i]];
+          best = std::fmin(best, s / n);
+        } while (std::next_permutation(perm, perm + n));
+        CHECK(std::fabs(r.value - best) <= 1e-12, "assignment n=%d: value %.17g, brute force %.17g", n, r.value,
+              best);
+      }
+    }
+    for (int n : {12, 32, 64, 128}) {
+      for (int rep = 0; rep < 10; ++rep) {
+        std::vector<double> C(size_t(n) * n);
+        for (auto& c : C) c = rep % 2 ? std::floor(U(rng) * 5) : U(rng);
+        std::vector<double> a(n, 1.0 / n), b(n, 1.0 / n);
+        Result r = solve(C, &a, &b, n, n);
+        a[0] = std::nextafter(a[0], 1.0);
+        a[1] = std::nextafter(a[1], 0.0);
+        Result g = solve(C, &a, &b, n, n);
+        CHECK(r.status == kOptimal && g.status == kOptimal, "assignment n=%d status %d / %d", n, r.status,
+              g.status);
+        CHECK(std::fabs(r.value - g.value) <= 1e-12 * std::fmax(1.0, std::fabs(g.value)),
+              "assignment n=%d: %.17g vs general %.17g", n, r.value, g.value);
+      }
     }
   }
   // invalid inputs give codes, never a hang

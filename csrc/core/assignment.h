@@ -1,0 +1,218 @@
+// Square transport problems with uniform weights are assignment problems: with a_i = b_j = 1/n
+// the vertices of the transport polytope are the permutation matrices scaled by 1/n (Birkhoff),
+// so an optimal plan is F = P / n for an optimal assignment P, the optimal value is
+// (1/n) sum_i C[i, x_i], and the assignment's duals are the transport duals (the constraint
+// matrix is the same; only the right-hand side is scaled). The general transportation simplex
+// spends most of its pivots on the degeneracy of such problems (n - 1 of its 2n - 1 basic
+// cells carry zero flow); a dedicated assignment solver needs none of them.
+//
+// Algorithm: Jonker & Volgenant (1987), "A shortest augmenting path algorithm for dense and
+// sparse linear assignment problems", on a dense n x n matrix in double:
+//   1. column reduction: v_j = min_i C_ij, each column's argmin row takes it if still free;
+//   2. reduction transfer: a row assigned once moves its slack onto its column's price;
+//   3. augmenting row reduction (two passes): each free row takes its cheapest column
+//      (C_ij - v_j), lowering that column's price by the gap to its second cheapest, and
+//      displaces the row that held it;
+//   4. augmentation: for each row still free, a Dijkstra search over reduced costs C_ij - v_j
+//      (u implicit) to the nearest free column, prices updated along the settled columns,
+//      assignments flipped along the path.
+// Invariant after every step: every assigned row holds a column of minimal reduced cost, so
+// with u_i = C[i, x_i] - v[x_i] the duals are feasible (u_i + v_j <= C_ij) and tight on the
+// assignment: they certify optimality. Step 3 is bounded (a floating-point tie could otherwise
+// make it revisit rows without progress); rows it leaves free go to step 4, which always
+// terminates (n augmentations, each settling at most n columns).
+//
+// Same constraints as transport_simplex.h: no torch, no allocation, no recursion, plain arrays
+// carved from the caller's workspace, so one CPU thread or one GPU thread runs it per problem.
+#pragma once
+
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+
+#if defined(__CUDACC__)
+#define BEMD_HD __host__ __device__
+#else
+#define BEMD_HD
+#endif
+
+namespace bert_emd {
+namespace core {
+
+// Scratch of lap_solve: n doubles (d) and 5 n int32 (rowsol, colsol, free, collist, pred);
+// `matches` may alias `free`'s storage only if distinct: give it its own n int32.
+struct LapScratch {
+  double* d;         // [n] shortest-path distances (reduced costs) of the current search
+  int32_t* rowsol;   // [n] column assigned to each row (-1: free)
+  int32_t* colsol;   // [n] row assigned to each column (-1: free)
+  int32_t* freerows; // [n] rows still free
+  int32_t* collist;  // [n] columns: settled | at the current minimum | not yet reached
+  int32_t* pred;     // [n] predecessor row of each column on the shortest-path tree
+  int32_t* matches;  // [n] how many columns chose each row in the column reduction
+};
+
+// Solve min sum_i C[i, x_i] over permutations x for the dense row-major n x n matrix C.
+// Outputs rowsol (x), the column prices v [n] and the row duals u [n]
+// (u_i + v_j <= C_ij, equality on the assignment).
+BEMD_HD inline void lap_solve(const double* __restrict__ C, int n, double* __restrict__ u,
+                              double* __restrict__ v, const LapScratch& s) {
+  int32_t* __restrict__ rowsol = s.rowsol;
+  int32_t* __restrict__ colsol = s.colsol;
+  int32_t* __restrict__ freerows = s.freerows;
+  int32_t* __restrict__ collist = s.collist;
+  int32_t* __restrict__ pred = s.pred;
+  int32_t* __restrict__ matches = s.matches;
+  double* __restrict__ d = s.d;
+  for (int i = 0; i < n; ++i) { rowsol[i] = -1; matches[i] = 0; }
+
+  // 1. column reduction (last column first, as the original: ties favour lower columns)
+  for (int j = n - 1; j >= 0; --j) {
+    double mn = C[j];
+    int imin = 0;
+    for (int i = 1; i < n; ++i) {
+      const double c = C[i * n + j];
+      if (c < mn) { mn = c; imin = i; }
+    }
+    v[j] = mn;
+    if (++matches[imin] == 1) {
+      rowsol[imin] = j;
+      colsol[j] = imin;
+    } else if (v[j] < v[rowsol[imin]]) {
+      const int j1 = rowsol[imin];
+      rowsol[imin] = j;
+      colsol[j] = imin;
+      colsol[j1] = -1;
+    } else {
+      colsol[j] = -1;
+    }
+  }
+
+  // 2. reduction transfer
+  int numfree = 0;
+  for (int i = 0; i < n; ++i) {
+    if (matches[i] == 0) {
+      freerows[numfree++] = i;
+    } else if (matches[i] == 1) {
+      const int j1 = rowsol[i];
+      double mn = INFINITY;
+      const double* row = C + i * n;
+      for (int j = 0; j < n; ++j) {
+        if (j == j1) continue;
+        const double h = row[j] - v[j];
+        mn = h < mn ? h : mn;
+      }
+      if (mn < INFINITY) v[j1] -= mn;
+    }
+  }
+
+  // 3. augmenting row reduction, two passes, each bounded
+  for (int pass = 0; pass < 2 && numfree > 0; ++pass) {
+    int k = 0;
+    const int prvnumfree = numfree;
+    numfree = 0;
+    int64_t steps = 0;
+    const int64_t max_steps = int64_t(n) * n + 8;
+    while (k < prvnumfree) {
+      const int i = freerows[k++];
+      if (++steps > max_steps) {  // no progress: the rest waits for step 4
+        freerows[numfree++] = i;
+        continue;
+      }
+      const double* row = C + i * n;
+      double umin = row[0] - v[0], usubmin = INFINITY;
+      int j1 = 0, j2 = 0;
+      for (int j = 1; j < n; ++j) {
+        const double h = row[j] - v[j];
+        if (h < usubmin) {
+          if (h >= umin) { usubmin = h; j2 = j; }
+          else { usubmin = umin; umin = h; j2 = j1; j1 = j; }
+        }
+      }
+      int i0 = colsol[j1];
+      const bool strict = umin < usubmin;
+      if (strict) {
+        v[j1] -= usubmin - umin;  // j1 becomes as cheap as the runner-up: i keeps it
+      } else if (i0 > -1) {       // a tie: take the runner-up, displacing its holder instead
+        j1 = j2;
+        i0 = colsol[j2];
+      }
+      rowsol[i] = j1;
+      colsol[j1] = i;
+      if (i0 > -1) {
+        rowsol[i0] = -1;
+        if (strict) freerows[--k] = i0;  // retry the displaced row at once
+        else freerows[numfree++] = i0;
+      }
+    }
+  }
+
+  // 4. shortest augmenting paths for the remaining free rows
+  for (int f = 0; f < numfree; ++f) {
+    const int freerow = freerows[f];
+    const double* frow = C + freerow * n;
+    for (int j = 0; j < n; ++j) {
+      d[j] = frow[j] - v[j];
+      pred[j] = freerow;
+      collist[j] = j;
+    }
+    int low = 0, up = 0, last = 0, endofpath = -1;
+    double mn = 0.0;
+    // collist[0, low): settled; [low, up): at distance mn, to scan; [up, n): not reached
+    while (endofpath < 0) {
+      if (up == low) {
+        last = low - 1;
+        mn = d[collist[up++]];
+        for (int k = up; k < n; ++k) {
+          const int j = collist[k];
+          const double h = d[j];
+          if (h <= mn) {
+            if (h < mn) { up = low; mn = h; }
+            collist[k] = collist[up];
+            collist[up++] = j;
+          }
+        }
+        for (int k = low; k < up; ++k) {
+          if (colsol[collist[k]] < 0) { endofpath = collist[k]; break; }
+        }
+      }
+      if (endofpath < 0) {
+        const int j1 = collist[low++];
+        const int i = colsol[j1];
+        const double* row = C + i * n;
+        const double h = row[j1] - v[j1] - mn;
+        for (int k = up; k < n; ++k) {
+          const int j = collist[k];
+          const double v2 = row[j] - v[j] - h;
+          if (v2 < d[j]) {
+            pred[j] = i;
+            if (v2 == mn) {
+              if (colsol[j] < 0) { endofpath = j; break; }
+              collist[k] = collist[up];
+              collist[up++] = j;
+            }
+            d[j] = v2;
+          }
+        }
+      }
+    }
+    for (int k = 0; k <= last; ++k) {  // settled columns: prices keep reduced costs >= 0
+      const int j1 = collist[k];
+      v[j1] += d[j1] - mn;
+    }
+    for (;;) {  // flip the assignments along the path
+      const int i = pred[endofpath];
+      colsol[endofpath] = i;
+      const int j1 = endofpath;
+      endofpath = rowsol[i];
+      rowsol[i] = j1;
+      if (i == freerow) break;
+    }
+  }
+  for (int i = 0; i < n; ++i) {
+    const int j = rowsol[i];
+    u[i] = C[i * n + j] - v[j];
+  }
+}
+
+}  // namespace core
+}  // namespace bert_emd
