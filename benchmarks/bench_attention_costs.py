@@ -12,7 +12,7 @@ Providers:
     formed as the score hooks form it (``(q k^T) * d**-0.5 + mask``, softmax for probs), then the
     fused ``bert_emd.layer_costs`` (C++ kernel on CPU); the backward through autograd (maps kept);
   * ``attention_costs[cpu]``: chunked PyTorch, query blocks of all layers at a time
-    (``bert_emd.ops.attention_costs.CPU_CHUNK_ELEMENTS``), tiles recomputed in the backward;
+    (``bert_emd.ops.attention_costs_cpu.CPU_CHUNK_ELEMENTS``), tiles recomputed in the backward;
   * on CUDA, ``attention_costs[triton]`` (the fused kernels) and the same baseline.
 Every provider's D is checked against the baseline's before its timing is reported.
 
