@@ -10,6 +10,12 @@ same per problem whatever B is, so they are timed on min(B, 64) problems. Every 
 the next problems of a pool of at least 2048 (``POOL``), so that no provider is timed on problems
 its branch predictor has just learnt.
 
+Assignment rows (``--assignment``, part of every full run): square problems with uniform weights
+(n = 4, 12, 32, 64), which ``bert_emd.emd`` solves with its assignment solver, against the
+dedicated assignment solvers a user would pick instead, each called per problem in a loop:
+scipy's ``linear_sum_assignment``, ``lap.lapjv`` and ``fastlap.solve_lap_batch`` (batched),
+values checked against scipy first.
+
 Writes rows to benchmarks/results/emd.csv, a plot benchmarks/results/emd.png and (full runs)
 the table in benchmarks/RESULTS.md between the ``bench_emd`` markers.
 """
@@ -69,7 +75,56 @@ def original_pyemd_call(emd_with_flow, trans_matrix: torch.Tensor, M: int, N: in
     return value, np.array(flow)[:M, M:]
 
 
-def run(quick: bool, device: str, threads: int | None, update_results: bool, out_dir: Path | None) -> list[dict]:
+ASSIGNMENT_SIZES = ((4, 4096), (12, 4096), (32, 1024), (64, 256))
+
+
+def run_assignment(quick: bool, device: str, repeats: int, prov: dict, g: torch.Generator) -> list[dict]:
+    """Square, uniform-weight problems: bert_emd.emd against scipy / lap / fastlap per problem."""
+    from scipy.optimize import linear_sum_assignment
+
+    try:
+        import lap
+    except ImportError:
+        lap = None
+    try:
+        import fastlap
+    except ImportError:
+        fastlap = None
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else None
+    rows = []
+    for n, B in ASSIGNMENT_SIZES[1:3] if quick else ASSIGNMENT_SIZES:
+        nb = -(-POOL // B)
+        pool = torch.rand(nb * B, n, n, generator=g, dtype=torch.float64)
+        batches = [pool[k * B : (k + 1) * B].to(dev) for k in range(nb)]
+        arrays = [np.ascontiguousarray(b.cpu().numpy()) for b in batches]
+        res = bert_emd.emd(batches[0])
+        for t in range(min(B, 32)):  # values first: the optimal assignment's cost / n
+            r, c = linear_sum_assignment(arrays[0][t])
+            ref = arrays[0][t][r, c].sum() / n
+            assert abs(float(res.cost[t]) - ref) < 1e-9, f"bert_emd disagrees with scipy on {n}x{n}"
+        nxt, nxt_np = _cycle(batches), _cycle(arrays)
+        timings = {f"bert_emd[{dev.type}]": median_time(lambda: bert_emd.emd(nxt()), repeats=repeats, sync=sync)}
+        timings["scipy linear_sum_assignment loop"] = median_time(
+            lambda: [linear_sum_assignment(c) for c in nxt_np()], repeats=repeats)
+        if lap is not None:
+            timings["lap.lapjv loop"] = median_time(lambda: [lap.lapjv(c) for c in nxt_np()], repeats=repeats)
+        if fastlap is not None and hasattr(fastlap, "solve_lap_batch"):
+            timings["fastlap.solve_lap_batch"] = median_time(lambda: fastlap.solve_lap_batch(nxt_np()),
+                                                             repeats=repeats)
+        fastest = min(t for k, t in timings.items() if not k.startswith("bert_emd"))
+        for name, t in timings.items():
+            rows.append({**prov, "benchmark": "assignment", "provider": name, "threads": torch.get_num_threads(),
+                         "shape": f"{n}x{n}", "B": B, "us_per_problem": t / B * 1e6,
+                         "speedup_vs_ot.emd2": float("nan"), "speedup_vs_POT_C++": float("nan"),
+                         "speedup_vs_fastest_lap": fastest / t})
+        print(f"assignment {n}x{n} B={B}: " + ", ".join(f"{k} {v / B * 1e6:.2f} us" for k, v in timings.items()),
+              flush=True)
+    return rows
+
+
+def run(quick: bool, device: str, threads: int | None, update_results: bool, out_dir: Path | None,
+        assignment: bool = True) -> list[dict]:
     ot, emd_c = _pot()
     emd_with_flow = _pyemd()
     if threads:
@@ -153,12 +208,20 @@ def run(quick: bool, device: str, threads: int | None, update_results: bool, out
                  "threads": torch.get_num_threads(), "shape": "4x12", "B": 1, "us_per_problem": t * 1e6,
                  "speedup_vs_ot.emd2": float("nan"), "speedup_vs_POT_C++": float("nan")})
     print(f"one 4x12 call from Python: {t * 1e6:.2f} us")
+    for r in rows:
+        r["speedup_vs_fastest_lap"] = float("nan")
+    if assignment:
+        rows += run_assignment(quick, device, repeats, prov, g)
     path = append_csv("emd", rows, out_dir)
     print(f"rows appended to {path}")
     _plot(rows, path.with_suffix(".png"))
     table = markdown_table(
-        [r for r in rows], ["shape", "B", "provider", "threads", "us_per_problem", "speedup_vs_ot.emd2",
-                            "speedup_vs_POT_C++"])
+        [r for r in rows if r["benchmark"] != "assignment"],
+        ["shape", "B", "provider", "threads", "us_per_problem", "speedup_vs_ot.emd2", "speedup_vs_POT_C++"])
+    assignment_rows = [r for r in rows if r["benchmark"] == "assignment"]
+    if assignment_rows:
+        table += "\n\nSquare problems with uniform weights (assignment problems):\n\n" + markdown_table(
+            assignment_rows, ["shape", "B", "provider", "threads", "us_per_problem", "speedup_vs_fastest_lap"])
     print(table)
     if update_results:
         _update_results_md(table, rows[0])
@@ -215,9 +278,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--update-results", action=argparse.BooleanOptionalAction, default=None,
                    help="write the table into benchmarks/RESULTS.md (default: on for full runs)")
     p.add_argument("--out-dir", type=Path, default=None, help="where the CSV and plot go")
+    p.add_argument("--assignment", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time square uniform problems against scipy, lap and fastlap (default on)")
     args = p.parse_args(argv)
     update = (not args.quick) if args.update_results is None else args.update_results
-    run(args.quick, args.device, args.threads or None, update, args.out_dir)
+    run(args.quick, args.device, args.threads or None, update, args.out_dir, args.assignment)
     return 0
 
 
