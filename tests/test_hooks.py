@@ -11,7 +11,7 @@ import torch  # noqa: E402
 
 pytest.importorskip("transformers")
 
-from bert_emd.distill import AttentionScoreCapture, additive_mask, find_self_attention  # noqa: E402
+from bert_emd.nn.hooks import AttentionScoreCapture, additive_mask, find_self_attention  # noqa: E402
 from transformers import (  # noqa: E402
     BertConfig,
     BertModel,

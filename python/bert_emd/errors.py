@@ -10,11 +10,17 @@ and keeps its traceback. It subclasses :class:`ValueError`, so library callers t
 
 from __future__ import annotations
 
-__all__ = ["UsageError", "MissingExtraError"]
+__all__ = ["MissingExtraError", "MissingFileError", "UsageError"]
 
 
 class UsageError(ValueError):
     """The user's input or options are wrong; the message says what was expected."""
+
+
+class MissingFileError(UsageError, FileNotFoundError):
+    """A file or folder the user named does not exist (or is not what the command needs): a
+    :class:`UsageError` (one line from the CLI) that is still a ``FileNotFoundError`` for library
+    callers."""
 
 
 class MissingExtraError(UsageError, ImportError):

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import UsageError
+from ..errors import MissingFileError, UsageError
 
 __all__ = [
     "GLUE_TASKS",
@@ -140,12 +140,6 @@ class TaskData:
     def metric_task(self) -> str | None:
         """The task name for :func:`bert_emd.distill.metrics.task_metrics` (None if custom)."""
         return self.name if self.name in GLUE_TASKS else None
-
-
-class MissingFileError(UsageError, FileNotFoundError):
-    """A file or folder the user named does not exist (or is not what the command needs): a
-    :class:`~bert_emd.errors.UsageError` (one line from the CLI) that is still a
-    ``FileNotFoundError`` for library callers."""
 
 
 # ----------------------------------------------------------------------------- helpers

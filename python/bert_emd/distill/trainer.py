@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from transformers import Trainer, TrainerCallback
 
 from ..errors import UsageError
+from ..nn.distributed import broadcast_state, distributed_world
 
 __all__ = [
     "LOSS_STATE_NAME",
@@ -159,16 +160,6 @@ def data_parallel_reason(args: Any) -> str | None:
         f"GPU: torchrun --nproc_per_node={n} -m bert_emd.cli ... (or accelerate launch --multi_gpu), or make one "
         "GPU visible (CUDA_VISIBLE_DEVICES=0)"
     )
-
-
-def distributed_world() -> tuple[int, int] | None:
-    """(rank, world size) of the default ``torch.distributed`` process group, or None without one
-    (or with a single process)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
-        return None
-    return dist.get_rank(), dist.get_world_size()
 
 
 def unsynchronised_ranks_reason(args: Any) -> str | None:
@@ -472,22 +463,10 @@ class _ZeroLossGrads(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.loss.zero_grad(set_to_none=True)
-        _broadcast_state(self.loss)
+        broadcast_state(self.loss)
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.loss.zero_grad(set_to_none=True)
-
-
-def _broadcast_state(module: nn.Module) -> None:
-    """In a distributed run, give every rank rank 0's loss state (projection and layer weights):
-    the loss lives outside the student's DDP/FSDP wrapper, which only syncs the student."""
-    import torch.distributed as dist
-
-    if distributed_world() is None:
-        return
-    with torch.no_grad():
-        for t in module.state_dict().values():
-            dist.broadcast(t, src=0)
 
 
 def _ensure_eager(model: nn.Module, who: str) -> None:
