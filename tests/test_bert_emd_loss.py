@@ -14,8 +14,8 @@ import torch.nn.functional as F  # noqa: E402
 pytest.importorskip("transformers")
 
 from _original_bert_emd import OriginalBertEMD, original_total_loss, tinybert_skip_loss  # noqa: E402
-from bert_emd.distill import find_self_attention  # noqa: E402
 from bert_emd.nn import BertEMDLoss, CostAttention, LayerEMDLoss, fixed_plan, skip_mapping  # noqa: E402
+from bert_emd.nn.hooks import find_self_attention  # noqa: E402
 from transformers import (  # noqa: E402
     BertConfig,
     BertForSequenceClassification,
@@ -97,7 +97,7 @@ def test_fidelity_to_original_20_steps(source, normalize, shared):
         beta=beta,
         T_emd=t_emd,
         temperature=temp,
-        alpha=alpha,
+        gold_weight=1.0 - alpha,  # the original's alpha is the soft share
     )
     oracle = OriginalBertEMD(m, n, T_emd=t_emd, normalize=normalize, seperate=not shared, solver="pyemd")
     params = list(student.parameters()) + list(loss_fn.parameters())
@@ -351,7 +351,7 @@ def test_head_count_and_length_mismatch_errors():
 def test_regression_and_no_labels():
     student = tiny_bert(32, 2, labels=1, seed=3)
     teacher = tiny_bert(48, 4, labels=1, seed=4).eval()
-    loss_fn = BertEMDLoss.from_models(student, teacher, alpha=0.25, temperature=3.0)
+    loss_fn = BertEMDLoss.from_models(student, teacher, gold_weight=0.75, temperature=3.0)
     ids, mask, _ = make_batch(0)
     y = torch.randn(BATCH)
     so = run(student, ids, mask)

@@ -12,7 +12,7 @@ the saved student keeps the Trainer's float32 master weights.
 
 Also: a checkpoint saved in bfloat16 (transformers 5 loads a checkpoint in its saved dtype) as
 teacher, student or multi-task encoder must still train float32 weights (see
-``bert_emd.distill.students.float32_kwargs``).
+``bert_emd.model_files.float32_kwargs``).
 """
 
 from __future__ import annotations
@@ -31,8 +31,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("datasets")
 yaml = pytest.importorskip("yaml")
 
-import bert_emd.mtl.distill as mtl_distill  # noqa: E402
-import bert_emd.nn.layer_emd_loss as layer_emd_loss  # noqa: E402
+import bert_emd.nn.emd_terms as emd_terms  # noqa: E402
 import test_mtl_trainer  # noqa: E402
 from _distill_fixtures import make_teacher, sentiment_rows, write_table  # noqa: E402
 from bert_emd.distill.cli_commands import run_distill  # noqa: E402
@@ -157,7 +156,7 @@ def test_distill_bf16(distill_data, tmp_path, monkeypatch, source, fused):
     """``bert-emd distill --bf16`` with each attention source, with the maps (``fused`` False: eager
     ``output_attentions`` for probs, hooks for scores) and with ``--fused-attention`` (costs from the
     hooked queries and keys)."""
-    calls = spy_ops(monkeypatch, layer_emd_loss, ("layer_costs", "attention_costs", "emd"))
+    calls = spy_ops(monkeypatch, emd_terms, ("layer_costs", "attention_costs", "emd"))
     linear = spy_linear_dtypes(monkeypatch, DistillationTrainer)
     out = tmp_path / "out"
     run_distill(distill_argv(distill_data["teacher"], distill_data["train"], out, STEPS,
@@ -246,7 +245,7 @@ def test_mtl_train_bf16(workspace, monkeypatch, distill):
     from bert_emd.mtl.trainer import MultiTaskDistillationTrainer
 
     steps = 24
-    calls = spy_ops(monkeypatch, mtl_distill, ("layer_costs", "emd"))
+    calls = spy_ops(monkeypatch, emd_terms, ("layer_costs", "emd"))
     linear = spy_linear_dtypes(monkeypatch, MultiTaskDistillationTrainer if distill else MultiTaskTrainer)
     out = workspace["root"] / f"bf16_{'distill' if distill else 'plain'}"
     assert mtl_main(["mtl", "train", "--config", str(_mtl_config(workspace, out, distill)),

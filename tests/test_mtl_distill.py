@@ -4,7 +4,7 @@ layer weights that diverge when the tasks' teachers carry the signal in differen
 from types import SimpleNamespace
 
 import bert_emd
-import bert_emd.mtl.distill as mtl_distill
+import bert_emd.nn.emd_terms as emd_terms
 import pytest
 import torch
 from bert_emd.mtl import (
@@ -96,13 +96,13 @@ def test_batched_solve_equals_separate_solves(rng):
 
 def test_one_emd_call_per_step(monkeypatch, rng):
     calls = []
-    real = mtl_distill.emd
+    real = emd_terms.emd
 
     def counting(cost, a=None, b=None, **kw):
         calls.append(tuple(cost.shape))
         return real(cost, a, b, **kw)
 
-    monkeypatch.setattr(mtl_distill, "emd", counting)
+    monkeypatch.setattr(emd_terms, "emd", counting)
     ts = specs()
     student = MultiTaskModel(bert(2, 0), ts, MechanismConfig(dropout=0.0))
     teachers = TeacherSet({"t0": bert(3, 1, 2), "t1": bert(4, 2, 3)})
@@ -244,7 +244,7 @@ def test_tagging_prediction_weights_tokens_instead_of_indexing(rng, with_labels)
     """The tagging prediction term equals prediction_loss over the counted tokens (boolean indexed),
     computed with a 0/1 token weight (no host sync on a GPU); a batch without a counted token gives
     0 with a zero gradient."""
-    from bert_emd.nn.bert_emd_loss import prediction_loss
+    from bert_emd.nn import prediction_loss
 
     ts = [TaskSpec("tag", "tagging", 4, data={"train": "x.jsonl"})]
     loss = MultiTaskEMDLoss(ts, 2, D, {"tag": 2}, {"tag": D}, gold_weight=0.3, use_attention=False,
@@ -260,7 +260,7 @@ def test_tagging_prediction_weights_tokens_instead_of_indexing(rng, with_labels)
     got, _ = loss([item])
     keep = labels != -100
     want, _, _ = prediction_loss(s[keep], t[keep], labels[keep] if with_labels else None, temperature=2.0,
-                                 alpha=0.7 if with_labels else 1.0)
+                                 gold_weight=0.3 if with_labels else 0.0)
     assert got.item() == pytest.approx(want.item(), rel=1e-6)
     g_got, = torch.autograd.grad(got, s)
     g_want, = torch.autograd.grad(want, s)

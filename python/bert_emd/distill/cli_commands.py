@@ -92,7 +92,10 @@ def _add_output_arg(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def _add_loss_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("BERT-EMD loss (bert_emd.nn.BertEMDLoss)")
+    from ..nn.config import EMDLossConfig
+
+    d = EMDLossConfig()  # the defaults of the library, the CLI and the YAML distillation section
+    g = p.add_argument_group("BERT-EMD loss (bert_emd.nn.BertEMDLoss, options of bert_emd.nn.EMDLossConfig)")
     g.add_argument("--mapping", default="emd", choices=["emd", "skip", "last", "uniform"],
                    help="layer mapping: emd (learned, default) or a fixed one (skip: TinyBERT's)")
     g.add_argument("--prediction-only", action="store_true",
@@ -100,12 +103,19 @@ def _add_loss_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-prediction", action="store_true",
                    help="no prediction term: layer-to-layer (attention, hidden, embedding) terms only, as "
                         "TinyBERT's intermediate-layer stage; the labels are not used")
-    g.add_argument("--beta", type=float, default=0.01, help="weight of the layer and embedding terms (0.01)")
-    g.add_argument("--theta", type=float, default=1.0, help="weight of attention + hidden inside beta (1)")
-    g.add_argument("--t-emd", type=float, default=1.0, help="cost-attention temperature T_emd (1)")
-    g.add_argument("--temperature", type=float, default=1.0, help="prediction-loss temperature T (1)")
-    g.add_argument("--alpha", type=float, default=0.8, help="share of the soft (teacher) prediction term (0.8)")
-    g.add_argument("--normalize", default="double_softmax", choices=["sum", "softmax", "double_softmax"],
+    g.add_argument("--beta", type=float, default=d.beta,
+                   help=f"weight of the layer and embedding terms ({d.beta:g}; the original script's default: 0.01)")
+    g.add_argument("--theta", type=float, default=d.theta,
+                   help=f"weight of attention + hidden inside beta ({d.theta:g})")
+    g.add_argument("--t-emd", type=float, default=d.T_emd, help=f"cost-attention temperature T_emd ({d.T_emd:g})")
+    g.add_argument("--temperature", type=float, default=d.temperature,
+                   help=f"prediction-loss temperature T ({d.temperature:g})")
+    g.add_argument("--gold-weight", type=float, default=None,
+                   help=f"share of the gold-label prediction term; the soft (teacher) term gets 1 - gold_weight "
+                        f"({d.gold_weight:g})")
+    g.add_argument("--alpha", type=float, default=None,
+                   help="deprecated: the soft share, 1 - gold_weight (use --gold-weight)")
+    g.add_argument("--normalize", default=d.normalize, choices=["sum", "softmax", "double_softmax"],
                    help="cost-attention normalisation (double_softmax: the paper's runs)")
     g.add_argument("--attention-source", default="probs", choices=["probs", "scores"],
                    help="attention maps compared: post-softmax probs (eager attention) or pre-softmax "
@@ -487,31 +497,31 @@ def check_backend(backend: str, device: Any) -> None:
             raise UsageError(f"--backend {backend}: {err}") from None
 
 
+def loss_config(args: argparse.Namespace, use_attention: bool = True, layers_off: bool = False) -> Any:
+    """The :class:`~bert_emd.nn.EMDLossConfig` of the ``distill`` loss options (``--alpha``, the
+    deprecated soft share, becomes ``gold_weight = 1 - alpha`` with a DeprecationWarning)."""
+    from ..nn.config import EMDLossConfig
+
+    gold = {} if args.gold_weight is None else {"gold_weight": args.gold_weight}
+    if args.alpha is not None and gold:
+        raise UsageError("--alpha is the deprecated form of --gold-weight (alpha = 1 - gold_weight): pass one")
+    return EMDLossConfig.from_options(
+        beta=args.beta, theta=args.theta, T_emd=args.t_emd, temperature=args.temperature, alpha=args.alpha,
+        normalize=args.normalize, attention_source=args.attention_source, fused_attention=args.fused_attention,
+        use_attention=use_attention, use_hidden=not (layers_off or args.no_hidden),
+        use_embedding=not (layers_off or args.no_embedding), use_prediction=not args.no_prediction,
+        token_mask=args.token_mask, backend=args.backend, **gold,
+    )
+
+
 def _loss_from_models(args: argparse.Namespace, student: Any, teacher: Any, data: Any, use_attention: bool,
                       layers_off: bool) -> Any:
     from bert_emd.nn import BertEMDLoss
 
     return BertEMDLoss.from_models(
-        student,
-        teacher,
-        beta=args.beta,
-        theta=args.theta,
-        T_emd=args.t_emd,
-        temperature=args.temperature,
-        alpha=args.alpha,
-        normalize=args.normalize,
-        share_weights=not args.separate_weights,
-        mapping=args.mapping,
-        attention_source=args.attention_source,
-        fused_attention=args.fused_attention,
-        use_attention=use_attention,
-        use_hidden=not (layers_off or args.no_hidden),
-        use_embedding=not (layers_off or args.no_embedding),
-        use_prediction=not args.no_prediction,
-        per_sample=args.per_sample,
-        token_mask=args.token_mask,
+        student, teacher, config=loss_config(args, use_attention, layers_off),
+        share_weights=not args.separate_weights, mapping=args.mapping, per_sample=args.per_sample,
         task="regression" if data.is_regression else "classification",
-        backend=args.backend,
     )
 
 

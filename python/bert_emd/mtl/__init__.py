@@ -8,15 +8,17 @@
   mechanisms as flags (all off: hard sharing).
 - :mod:`~bert_emd.mtl.samplers` -- proportional, uniform, temperature, power and epoch-shuffle
   task sampling, annealing, and the batch sampler of the trainer.
-- :mod:`~bert_emd.mtl.distill` -- :class:`MultiTaskEMDLoss` (per-task layer weights, all tasks'
-  transport problems in one batched EMD call) and :class:`TeacherSet`.
+- :mod:`~bert_emd.mtl.loss` -- :class:`MultiTaskEMDLoss` (per-task layer weights, all tasks'
+  transport problems in one batched EMD call) on the loss core of :mod:`bert_emd.nn`;
+  :mod:`~bert_emd.mtl.teachers` -- :class:`TeacherSet`, :func:`load_teachers`;
+  :mod:`~bert_emd.mtl.step` -- :func:`distillation_step`.
 - :mod:`~bert_emd.mtl.trainer` -- :class:`MultiTaskTrainer` on ``transformers.Trainer``
   (imported lazily: it needs ``transformers``).
 """
 
 from __future__ import annotations
 
-from .distill import MultiTaskEMDLoss, TaskDistillInput, TeacherSet, distillation_step, load_teachers
+from .loss import MultiTaskEMDLoss, TaskDistillInput
 from .mechanisms import (
     GradientReversal,
     LabelEmbedding,
@@ -37,6 +39,7 @@ from .samplers import (
     TaskSampler,
     make_sampler,
 )
+from .step import distillation_step
 from .tasks import (
     ConfigError,
     DataFiles,
@@ -49,6 +52,7 @@ from .tasks import (
     load_config,
     load_tasks,
 )
+from .teachers import TeacherSet, load_teachers
 
 __all__ = [
     "SAMPLERS",

@@ -304,7 +304,8 @@ def train_from_config(
                   pad_token_id=tokenizer.pad_token_id or 0, processing_class=tokenizer, mixture_lr=tr.mixture_lr)
     loss = None
     if cfg.distillation.enabled:
-        from .distill import MultiTaskEMDLoss, load_teachers
+        from .loss import MultiTaskEMDLoss
+        from .teachers import load_teachers
 
         d = cfg.distillation
         maps = _needs_attention_maps(cfg, fused_attention)

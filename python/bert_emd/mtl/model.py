@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UsageError
+from ..nn.emd_terms import model_sizes
 from .mechanisms import (
     LabelEmbedding,
     LayerMixture,
@@ -85,15 +86,11 @@ class MultiTaskOutput:
 
 
 def encoder_sizes(encoder: nn.Module) -> tuple[int, int]:
-    """(M transformer layers, hidden size d) from a Hugging Face encoder's config."""
-    cfg = getattr(encoder, "config", None)
-    if cfg is None:
-        raise ValueError(f"{type(encoder).__name__} has no .config; pass num_layers and hidden_size to MultiTaskModel")
-    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layers", None)
-    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "dim", None)
-    if layers is None or hidden is None:
-        raise ValueError(f"cannot read the layer count and hidden size from {type(cfg).__name__}")
-    return int(layers), int(hidden)
+    """(M transformer layers, hidden size d) of a :class:`MultiTaskModel`, or from a Hugging Face
+    encoder's config."""
+    if isinstance(encoder, MultiTaskModel):
+        return encoder.num_layers, encoder.hidden_size
+    return model_sizes(encoder, "pass num_layers and hidden_size to MultiTaskModel")
 
 
 class TaskHead(nn.Module):

@@ -45,10 +45,12 @@ from ..distill.trainer import (
     unsynchronised_ranks_reason,
 )
 from ..errors import UsageError
-from .distill import MultiTaskEMDLoss, TeacherSet, distillation_step
+from .loss import MultiTaskEMDLoss
 from .model import MultiTaskModel
 from .samplers import MultiTaskBatchSampler, TaskSampler
+from .step import distillation_step
 from .tasks import ConfigError, TaskSpec
+from .teachers import TeacherSet
 
 __all__ = [
     "MultiTaskCollator",

@@ -6,13 +6,12 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..ops.attention_costs import attention_costs
-from ..ops.emd import emd
-from ..ops.layer_costs import layer_costs
+from .config import backend_for
 from .cost_attention import CostAttention, Normalize
+from .distributed import all_reduce_mean, world_size
+from .emd_terms import feature_costs, solve_plans, update_layer_weights
 
 __all__ = ["LayerEMDLoss", "Mapping", "fixed_plan", "skip_mapping"]
 
@@ -78,34 +77,6 @@ def _pair_cost(s: Tensor, t: Tensor, mask: Tensor | None, per_sample: bool, floo
     if per_sample:
         return (sq * w).flatten(1).sum(1) / w.flatten(1).sum(1)
     return (sq * w).sum() / w.sum()
-
-
-def _solve(cost: Tensor, a: Tensor, b: Tensor, backend: str) -> Tensor:
-    """Exact transport plan for cost [..., M, N] with marginals a [M], b [N]; no gradient."""
-    batch = cost.shape[:-2]
-    # float64 solve: the problems are tiny, and the marginals must sum to 1 to solver tolerance.
-    c = cost.detach().double()
-    a = a.to(c).expand(*batch, a.shape[-1])
-    b = b.to(c).expand(*batch, b.shape[-1])
-    # Input validation reads values on the host: keep it on CPU, skip it on accelerators (an
-    # invalid problem, e.g. a NaN cost, then yields a NaN plan and loss instead of an error).
-    return emd(c, a, b, backend=backend, validate=c.device.type == "cpu").plan
-
-
-def _distributed_world() -> int:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
-
-
-def _all_reduce_mean(t: Tensor) -> Tensor:
-    """Average a (detached) tensor over all ranks; a device op, no host synchronisation."""
-    world = _distributed_world()
-    if world == 1:
-        return t
-    t = t.detach().clone()
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t / world
 
 
 def _count(layers: Layers) -> int:
@@ -210,7 +181,7 @@ class LayerEMDLoss(nn.Module):
         self.last_plan: Tensor | None = None
 
     def _backend(self, op: str) -> str:
-        return self.backend if isinstance(self.backend, str) else self.backend.get(op, "auto")
+        return backend_for(self.backend, op)
 
     @property
     def weights(self) -> CostAttention | None:
@@ -246,25 +217,10 @@ class LayerEMDLoss(nn.Module):
         self, student: Layers, teacher: Layers, mask: Tensor | None = None, attention_mask: Tensor | None = None
     ) -> Tensor:
         """Full cost matrix D [M, N] (or [B, M, N] with ``per_sample``), fp32, differentiable."""
-        if self.fused_attention is not None:
-            return attention_costs(
-                student,
-                teacher,
-                mask=mask,
-                attention_mask=attention_mask,
-                source=self.fused_attention,
-                attention_floor=self.attention_floor,
-                per_sample=self.per_sample,
-                mask_value=self.mask_value,
-                backend=self._backend("attention_costs"),
-            )
-        return layer_costs(
-            student,
-            teacher,
-            mask=mask,
-            per_sample=self.per_sample,
-            attention_floor=self.attention_floor,
-            backend=self._backend("layer_costs"),
+        return feature_costs(
+            student, teacher, fused=self.fused_attention, mask=mask, attention_mask=attention_mask,
+            attention_floor=self.attention_floor, per_sample=self.per_sample, mask_value=self.mask_value,
+            backend=self._backend,
         )
 
     def transport(
@@ -286,10 +242,10 @@ class LayerEMDLoss(nn.Module):
             cost = self.costs(student, teacher, mask, attention_mask)
             # Every rank solves the problem of the global batch (average of the local costs);
             # the loss keeps the local cost so DDP's gradient averaging gives the global gradient.
-            solve_cost = cost if self.per_sample else _all_reduce_mean(cost.detach())
+            solve_cost = cost if self.per_sample else all_reduce_mean(cost.detach())
             w = self.weights
             assert w is not None
-            plan = _solve(solve_cost, w.student_weight, w.teacher_weight, self._backend("emd"))
+            plan = solve_plans(solve_cost, w.student_weight, w.teacher_weight, backend=self._backend("emd"))
             plan = plan.to(cost.dtype)
         else:
             cost, plan = self._fixed_costs(student, teacher, mask, attention_mask)
@@ -331,15 +287,14 @@ class LayerEMDLoss(nn.Module):
         cost = self.last_cost if cost is None else cost
         if plan is None or cost is None:
             raise RuntimeError("update() needs a plan and a cost: call forward/transport first")
-        cs, ct = self.contributions(plan, cost)
-        w.finalize(*w.propose(cs, ct))
+        update_layer_weights(w, [self.contributions(plan, cost)])
 
     def contributions(self, plan: Tensor, cost: Tensor) -> tuple[Tensor, Tensor]:
         """c^S [M], c^T [N] for the weight update; identical on every rank."""
         cs, ct = CostAttention.contributions(plan, cost)
-        if self.per_sample and _distributed_world() > 1:
+        if self.per_sample and world_size() > 1:
             # Per-example problems differ across ranks: average what the rule consumes instead.
-            both = _all_reduce_mean(torch.cat([cs, ct]))
+            both = all_reduce_mean(torch.cat([cs, ct]))
             cs, ct = both[: cs.shape[0]], both[cs.shape[0] :]
         return cs, ct
 
