@@ -30,14 +30,39 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+DEFAULT_SEED = 1234
+
+
+def pytest_addoption(parser):
+    parser.addoption("--seed", type=int, default=None,
+                     help=f"seed of the rng fixture (default {DEFAULT_SEED}, or BERT_EMD_TEST_SEED); "
+                          "use another to explore fresh inputs")
+
+
+def _seed(config) -> int:
+    opt = config.getoption("--seed")
+    if opt is not None:
+        return opt
+    env = os.environ.get("BERT_EMD_TEST_SEED")
+    return DEFAULT_SEED if env is None else int(env)
+
+
 @pytest.fixture
-def rng() -> torch.Generator:
-    """A generator seeded per test from a fresh seed printed on failure (inputs differ each run)."""
-    seed = int.from_bytes(os.urandom(4), "little") if os.environ.get("BERT_EMD_TEST_SEED") is None \
-        else int(os.environ["BERT_EMD_TEST_SEED"])
-    print(f"BERT_EMD_TEST_SEED={seed}")
-    g = torch.Generator().manual_seed(seed)
-    return g
+def rng(request) -> torch.Generator:
+    """A generator seeded with the run's fixed seed (``--seed`` / ``BERT_EMD_TEST_SEED`` override
+    it); a failing test that used it reports the seed, so the failure can be replayed."""
+    seed = _seed(request.config)
+    request.node.user_properties.append(("seed", seed))
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    seeds = [v for k, v in item.user_properties if k == "seed"]
+    if report.failed and seeds:
+        report.sections.append(("seed", f"rng fixture seed {seeds[0]}: replay with --seed {seeds[0]}"))
 
 
 @pytest.fixture
