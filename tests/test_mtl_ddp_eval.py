@@ -1,7 +1,7 @@
-"""Data-parallel multi-task evaluation: :func:`bert_emd.mtl.trainer.eval_shard` (which examples a rank
+"""Data-parallel multi-task evaluation: :func:`bert_emd.mtl.evaluation.eval_shard` (which examples a rank
 scores) and ``bert-emd mtl train`` under ``torchrun --nproc_per_node=2`` (gloo, CPU) with validation
 data, where both evaluations -- the Trainer's ``evaluate`` after step 1 and the final one of the CLI --
-run :func:`~bert_emd.mtl.trainer.evaluate_tasks` with ``distributed``: each rank scores only its
+run :func:`~bert_emd.mtl.evaluation.evaluate_tasks` with ``distributed``: each rank scores only its
 contiguous shard of every task's examples and every rank returns the results of one process scoring
 everything.
 
@@ -26,7 +26,7 @@ pytest.importorskip("datasets")
 yaml = pytest.importorskip("yaml")
 
 import test_mtl_ddp as mtl_ddp  # noqa: E402
-from bert_emd.mtl.trainer import eval_shard  # noqa: E402
+from bert_emd.mtl.evaluation import eval_shard  # noqa: E402
 
 # the fixtures of the multi-task DDP tests: the tiny encoder (word-level tokenizer) and training data
 workspace = mtl_ddp.workspace
@@ -39,7 +39,7 @@ EVAL_ROWS = {"sent": 7, "tag": 9, "tiny": 1}
 # it ran, and the results it returned
 DRIVER = """\
 import json, os, sys
-import bert_emd.mtl.trainer as mt
+import bert_emd.mtl.evaluation as mt
 from bert_emd.cli import main
 from bert_emd.mtl.model import MultiTaskModel
 folder, rank = sys.argv[1], os.environ["RANK"]
@@ -152,8 +152,9 @@ def test_two_gloo_processes_each_score_their_shard_and_get_the_single_process_re
     (logged in ``trainer_state.json`` and written to ``mtl_results.json`` by rank 0)."""
     from bert_emd.mtl import MultiTaskModel
     from bert_emd.mtl.cli_commands import _tokenizer, prepare_data
-    from bert_emd.mtl.tasks import load_config
-    from bert_emd.mtl.trainer import MultiTaskCollator, evaluate_tasks
+    from bert_emd.mtl.data import MultiTaskCollator
+    from bert_emd.mtl.evaluation import evaluate_tasks
+    from bert_emd.mtl.yaml_config import load_config
 
     out = tmp_path / "ddp"
     config = _config(workspace, out)
@@ -209,8 +210,9 @@ def test_distributed_without_a_process_group_is_the_default(workspace, tmp_path)
     """``distributed=True`` in a single process (no process group) scores everything, as the default."""
     from bert_emd.mtl import MultiTaskModel
     from bert_emd.mtl.cli_commands import _tokenizer, build_model, prepare_data
-    from bert_emd.mtl.tasks import load_config
-    from bert_emd.mtl.trainer import MultiTaskCollator, evaluate_tasks
+    from bert_emd.mtl.data import MultiTaskCollator
+    from bert_emd.mtl.evaluation import evaluate_tasks
+    from bert_emd.mtl.yaml_config import load_config
 
     cfg = load_config(str(_config(workspace, tmp_path / "one")))
     tokenizer = _tokenizer(cfg)

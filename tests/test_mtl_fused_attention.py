@@ -241,7 +241,7 @@ def test_mtl_train_attention_options_from_yaml(workspace, model_calls, keys, fus
     """``distillation.fused_attention`` / ``attention_source`` in the YAML (no CLI flag) reach the
     loss and ``mtl_results.json``; neither asks any model for maps or switches it to eager."""
     from bert_emd.mtl.cli_commands import train_from_config
-    from bert_emd.mtl.tasks import load_config
+    from bert_emd.mtl.yaml_config import load_config
 
     out = workspace / f"run_yaml_{source}_{int(fused)}"
     cfg = load_config(_config(workspace, out, **keys))
@@ -259,7 +259,7 @@ def test_mtl_train_attention_options_from_yaml(workspace, model_calls, keys, fus
 def test_attention_maps_requested_only_for_unfused_probs(workspace):
     """Eager attention maps: only unfused ``"probs"``; the CLI flag (a bool) overrides the YAML."""
     from bert_emd.mtl.cli_commands import _needs_attention_maps
-    from bert_emd.mtl.tasks import load_config
+    from bert_emd.mtl.yaml_config import load_config
 
     def needs(flag, **keys):
         return _needs_attention_maps(load_config(_config(workspace, workspace / "maps", **keys)), flag)

@@ -4,7 +4,9 @@ import re
 import textwrap
 
 import pytest
-from bert_emd.mtl.tasks import ConfigError, MechanismConfig, TaskSpec, load_config, load_tasks
+from bert_emd.mtl.checks import ConfigError
+from bert_emd.mtl.config import MechanismConfig, TaskSpec
+from bert_emd.mtl.yaml_config import load_config, load_tasks
 
 GOOD = """
 model:
@@ -178,7 +180,7 @@ TASK = {"name": "a", "type": "single", "num_labels": 2, "data": {"train": "x.csv
 
 def _cfg(tmp_path, task=None, **sections):
     """config_from_dict on one task plus ``sections``; errors and warnings start with 'cfg.yaml'."""
-    from bert_emd.mtl.tasks import config_from_dict
+    from bert_emd.mtl.yaml_config import config_from_dict
 
     return config_from_dict({"tasks": [task or TASK], **sections}, source="cfg.yaml", base_dir=tmp_path)
 
@@ -346,7 +348,7 @@ def test_direct_taskspec_checks_its_data():
         TaskSpec(name="a", type="single", num_labels=2, data="x.csv")
     from pathlib import Path
 
-    from bert_emd.mtl.tasks import DataFiles
+    from bert_emd.mtl.config import DataFiles
 
     assert TaskSpec(name="a", type="single", num_labels=2, data=DataFiles(train=Path("x.csv"))).data.train == "x.csv"
 

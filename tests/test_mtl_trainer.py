@@ -137,7 +137,7 @@ def test_mtl_train_evaluates_during_training(workspace, strategy):
 
 def test_mtl_training_loss_falls(workspace):
     from bert_emd.mtl.cli_commands import train_from_config
-    from bert_emd.mtl.tasks import load_config
+    from bert_emd.mtl.yaml_config import load_config
 
     out = workspace["root"] / "run_falls"
     cfg = load_config(_config(workspace, out, mechanisms={"pooling": "mean", "dropout": 0.0}))
@@ -175,7 +175,7 @@ def test_resume_matches_uninterrupted_run(workspace):
     """A run stopped at a checkpoint and resumed reaches the uninterrupted run's weights (the
     task sampler replays the same batches)."""
     from bert_emd.mtl.cli_commands import train_from_config
-    from bert_emd.mtl.tasks import load_config
+    from bert_emd.mtl.yaml_config import load_config
     from safetensors.torch import load_file
 
     full = workspace["root"] / "run_full"

@@ -1,7 +1,9 @@
-"""Multi-task learning on a shared encoder (DESIGN.md section 3).
+"""Multi-task learning on a shared encoder.
 
-- :mod:`~bert_emd.mtl.tasks` -- :class:`TaskSpec`, :class:`MTLConfig`, YAML loading
-  (:func:`load_config`) with errors that name the file and the field.
+- :mod:`~bert_emd.mtl.config` -- :class:`TaskSpec`, :class:`MTLConfig` and the option
+  dataclasses; :mod:`~bert_emd.mtl.checks` -- their field checks (:class:`ConfigError`);
+  :mod:`~bert_emd.mtl.yaml_config` -- YAML loading (:func:`load_config`) with errors that name
+  the file and the field (:mod:`~bert_emd.mtl.tasks` re-exports all three).
 - :mod:`~bert_emd.mtl.mechanisms` -- gradient reversal, orthogonality loss, layer mixture, gate,
   private encoder, task discriminator, label embedding.
 - :mod:`~bert_emd.mtl.model` -- :class:`MultiTaskModel`: shared encoder, per-task heads, the five
@@ -12,12 +14,28 @@
   transport problems in one batched EMD call) on the loss core of :mod:`bert_emd.nn`;
   :mod:`~bert_emd.mtl.teachers` -- :class:`TeacherSet`, :func:`load_teachers`;
   :mod:`~bert_emd.mtl.step` -- :func:`distillation_step`.
-- :mod:`~bert_emd.mtl.trainer` -- :class:`MultiTaskTrainer` on ``transformers.Trainer``
-  (imported lazily: it needs ``transformers``).
+- :mod:`~bert_emd.mtl.data` -- task data, tokenisation, collator; :mod:`~bert_emd.mtl.evaluation`
+  -- per-task metrics and (sharded) evaluation.
+- :mod:`~bert_emd.mtl.trainer` -- :class:`MultiTaskTrainer` and
+  :class:`MultiTaskDistillationTrainer` on ``transformers.Trainer`` (imported lazily, on first
+  access to ``bert_emd.mtl.MultiTaskTrainer``: ``import bert_emd.mtl`` does not import
+  ``transformers``).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+from .checks import ConfigError
+from .config import (
+    DataFiles,
+    DistillOptions,
+    MechanismConfig,
+    MTLConfig,
+    SamplerOptions,
+    TaskSpec,
+    TrainingOptions,
+)
 from .loss import MultiTaskEMDLoss, TaskDistillInput
 from .mechanisms import (
     GradientReversal,
@@ -40,19 +58,8 @@ from .samplers import (
     make_sampler,
 )
 from .step import distillation_step
-from .tasks import (
-    ConfigError,
-    DataFiles,
-    DistillOptions,
-    MechanismConfig,
-    MTLConfig,
-    SamplerOptions,
-    TaskSpec,
-    TrainingOptions,
-    load_config,
-    load_tasks,
-)
 from .teachers import TeacherSet, load_teachers
+from .yaml_config import load_config, load_tasks
 
 __all__ = [
     "SAMPLERS",
@@ -67,9 +74,11 @@ __all__ = [
     "MTLConfig",
     "MechanismConfig",
     "MultiTaskBatchSampler",
+    "MultiTaskDistillationTrainer",
     "MultiTaskEMDLoss",
     "MultiTaskModel",
     "MultiTaskOutput",
+    "MultiTaskTrainer",
     "PrivateEncoder",
     "SamplerOptions",
     "TaskDiscriminator",
@@ -89,3 +98,15 @@ __all__ = [
     "orthogonality_loss",
     "pool",
 ]
+
+
+_LAZY = {"MultiTaskTrainer", "MultiTaskDistillationTrainer"}
+
+
+def __getattr__(name: str) -> Any:
+    # the trainers subclass transformers.Trainer: imported on first use only
+    if name in _LAZY:
+        from . import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
-from .tasks import MTLConfig, load_config
+from .config import MTLConfig
+from .yaml_config import load_config
 
 __all__ = ["add_subcommands", "dispatch", "evaluate_model", "format_table", "main", "train_from_config"]
 
@@ -138,7 +139,7 @@ def _quiet(progress: bool) -> None:
 
 
 def _tokenizer(cfg: MTLConfig) -> Any:
-    from ..distill.students import load_tokenizer
+    from ..model_files import load_tokenizer
 
     src = cfg.model.tokenizer or cfg.model.encoder
     if src is None:
@@ -150,7 +151,7 @@ def check_model_folders(cfg: MTLConfig) -> None:
     """The model folders the config names (``model.encoder``, the teachers) exist and are model
     folders: a one-line :class:`~bert_emd.errors.UsageError` naming the field otherwise, before
     anything is loaded."""
-    from ..distill.students import check_model_folder
+    from ..model_files import check_model_folder
 
     if cfg.model.encoder is None:
         raise UsageError(f"{cfg.source}: model.encoder is required (a local Hugging Face encoder folder)")
@@ -166,7 +167,7 @@ def check_model_folders(cfg: MTLConfig) -> None:
 
 
 def _check_multitask_folder(path: str, where: str) -> None:
-    from ..distill.data import MissingFileError
+    from ..errors import MissingFileError
     from .model import CONFIG_NAME
 
     if not os.path.isdir(path):
@@ -178,7 +179,7 @@ def _check_multitask_folder(path: str, where: str) -> None:
 def prepare_data(cfg: MTLConfig, tokenizer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """Tokenised ``{task: train split}`` and ``{task: validation split}`` (first rows only when
     ``training.limit_train`` / ``limit_eval`` are set)."""
-    from .trainer import load_task_data, tokenize_task
+    from .data import load_task_data, tokenize_task
 
     train, dev = {}, {}
     tr = cfg.training
@@ -258,8 +259,9 @@ def train_from_config(
     """
     from transformers import HfArgumentParser, TrainingArguments, set_seed
 
+    from .evaluation import evaluate_tasks
     from .samplers import make_sampler
-    from .trainer import MultiTaskDistillationTrainer, MultiTaskTrainer, evaluate_tasks
+    from .trainer import MultiTaskDistillationTrainer, MultiTaskTrainer
 
     _quiet(progress)
     tr = cfg.training
@@ -313,13 +315,8 @@ def train_from_config(
                                  allow_untrained=d.allow_untrained_teacher)
         # (with "scores" or fused_attention, from_models hooks the query/key projections of the student and the
         # teachers)
-        loss = MultiTaskEMDLoss.from_models(
-            cfg.tasks, model, teachers, beta=d.beta, theta=d.theta,
-            T_emd=d.T_emd, temperature=d.temperature, gold_weight=d.gold_weight,
-            teacher_annealing=d.teacher_annealing, normalize=d.normalize, use_attention=d.use_attention,
-            use_hidden=d.use_hidden, use_embedding=d.use_embedding, use_prediction=d.use_prediction,
-            attention_source=d.attention_source, fused_attention=fused_attention,
-        )
+        loss = MultiTaskEMDLoss.from_models(cfg.tasks, model, teachers, config=d.loss_config(fused_attention),
+                                            teacher_annealing=d.teacher_annealing)
         trainer: Any = MultiTaskDistillationTrainer(model, args, teachers=teachers, distill_loss=loss, **common)
     else:
         trainer = MultiTaskTrainer(model, args, **common)
@@ -365,9 +362,10 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """Score a saved multi-task model on each task's ``split`` (data from ``config``, or the task
     specs stored in the model folder); returns ``{"tasks": {...}, "macro_avg": ...}``."""
-    from ..distill.students import load_tokenizer
+    from ..model_files import load_tokenizer
+    from .data import MultiTaskCollator, load_task_data, tokenize_task
+    from .evaluation import evaluate_tasks
     from .model import MultiTaskModel
-    from .trainer import MultiTaskCollator, evaluate_tasks, load_task_data, tokenize_task
 
     _quiet(False)
     _check_multitask_folder(os.fspath(model_dir), "--model")

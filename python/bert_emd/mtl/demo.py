@@ -129,7 +129,7 @@ def _task(name: str, labels: tuple[str, ...], files: dict[str, Path]) -> dict[st
 
 def _config(tasks: list[dict[str, Any]], mechanisms: list[str], encoder: Path, out: Path, b: MTLBudget,
             steps: int) -> Any:
-    from .tasks import config_from_dict
+    from .yaml_config import config_from_dict
 
     raw = {
         "model": {"encoder": str(encoder)},

@@ -52,8 +52,8 @@ from ..nn.emd_terms import (
     solve_plans,
     update_layer_weights,
 )
+from .config import TaskSpec
 from .model import encoder_sizes
-from .tasks import TaskSpec
 
 if TYPE_CHECKING:
     from .teachers import TeacherSet

@@ -35,8 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import UsageError
+from ..errors import MissingFileError, UsageError
+from ..model_files import check_model_folder, float32_kwargs
 from ..nn.emd_terms import model_sizes
+from .config import DataFiles, MechanismConfig, TaskSpec
 from .mechanisms import (
     LabelEmbedding,
     LayerMixture,
@@ -46,7 +48,6 @@ from .mechanisms import (
     orthogonality_loss,
     pool,
 )
-from .tasks import DataFiles, MechanismConfig, TaskSpec
 
 __all__ = ["MultiTaskModel", "MultiTaskOutput", "TaskHead", "encoder_sizes"]
 
@@ -131,7 +132,7 @@ class TaskHead(nn.Module):
 
 class MultiTaskModel(nn.Module):
     """A shared encoder (any Hugging Face encoder, or a distilled student) with per-task heads
-    and the mechanisms of :class:`~bert_emd.mtl.tasks.MechanismConfig`.
+    and the mechanisms of :class:`~bert_emd.mtl.config.MechanismConfig`.
 
     Args:
         encoder: a model returning ``hidden_states`` (M + 1 tensors [B, L, d]) when called with
@@ -389,8 +390,6 @@ class MultiTaskModel(nn.Module):
         from safetensors.torch import load_file
         from transformers import AutoConfig, AutoModel
 
-        from ..distill.data import MissingFileError
-        from ..distill.students import float32_kwargs
 
         p = Path(path)
         cfg_file = p / CONFIG_NAME
@@ -438,8 +437,6 @@ class MultiTaskModel(nn.Module):
         """A new multi-task model on a pretrained encoder from a local folder (no hub look-up)."""
         from transformers import AutoModel
 
-        from ..distill.data import MissingFileError
-        from ..distill.students import check_model_folder, float32_kwargs
 
         check_model_folder(encoder_path)
         # float32 whatever the checkpoint's dtype: a bfloat16 encoder would train its weights in

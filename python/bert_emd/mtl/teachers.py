@@ -9,8 +9,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from .config import TaskSpec
 from .model import MultiTaskModel, encoder_sizes
-from .tasks import TaskSpec
 
 __all__ = ["TeacherSet", "load_teachers"]
 
