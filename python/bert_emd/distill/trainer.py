@@ -12,7 +12,10 @@ added:
 - the loss's state (projection and ``CostAttention`` layer weights) is saved into every
   checkpoint folder (``distill_loss.pt``, written atomically) and restored on resume, so a killed
   run that resumes reaches the weights of an uninterrupted one; the last transport plans and
-  costs go to ``transport.json`` beside it.
+  costs go to ``transport.json`` beside it;
+- every checkpoint folder appears whole or not at all (:class:`AtomicCheckpoints`: staged, then
+  renamed into place once every process has written its part), so a run killed while saving
+  resumes from the previous complete checkpoint.
 
 At every logging step the loss parts (``loss_attention``, ``loss_hidden``, ``loss_embedding``,
 ``loss_prediction``, ... averaged over the steps since the last log and over the processes, as
@@ -43,6 +46,7 @@ from transformers import Trainer, TrainerCallback
 
 from ..errors import UsageError
 from ..nn.distributed import broadcast_state, distributed_world
+from .checkpoints import AtomicCheckpoints
 
 __all__ = [
     "LOSS_STATE_NAME",
@@ -270,7 +274,7 @@ def transport_state(loss: nn.Module) -> dict[str, Any]:
     return out
 
 
-class DistillationTrainer(Trainer):
+class DistillationTrainer(AtomicCheckpoints, Trainer):
     """A ``transformers.Trainer`` that trains ``model`` (the student) to imitate ``teacher``.
 
     Args:

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torch.utils.data import ConcatDataset, DataLoader
 from transformers import Trainer
 
+from ..distill.checkpoints import AtomicCheckpoints
 from ..distill.trainer import (
     LOSS_STATE_NAME,
     TRANSPORT_NAME,
@@ -260,7 +261,7 @@ class _MultiTaskMixin:
                 cfg.save_pretrained(os.path.join(out, ENCODER_FOLDER))
 
 
-class MultiTaskTrainer(_MultiTaskMixin, Trainer):
+class MultiTaskTrainer(_MultiTaskMixin, AtomicCheckpoints, Trainer):
     """``transformers.Trainer`` for a :class:`MultiTaskModel` (see the module docstring).
 
     Args:
