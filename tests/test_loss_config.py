@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import inspect
 import os
 import subprocess
 import sys
@@ -55,6 +56,12 @@ def test_losses_read_the_config():
     assert BertEMDLoss(2, 4, 8, 8, config=cfg, beta=0.25).config == dataclasses.replace(cfg, beta=0.25)
     with pytest.raises(TypeError, match="unknown loss option"):
         BertEMDLoss(2, 4, 8, 8, betta=0.5)
+    # the classes' signatures name every option (help(), IDEs, callers that inspect them)
+    options = {f.name: f.default for f in dataclasses.fields(EMDLossConfig)}
+    for cls in (BertEMDLoss, MultiTaskEMDLoss):
+        params = inspect.signature(cls).parameters
+        assert {name: params[name].default for name in options} == options
+        assert "options" not in params and "self" not in params
     ts = [TaskSpec("a", "single", 2, data={"train": "x"})]
     mtl = MultiTaskEMDLoss(ts, 2, 8, {"a": 4}, {"a": 8}, config=cfg)
     assert mtl.config is cfg and mtl.gold_share(0.5) == 0.3

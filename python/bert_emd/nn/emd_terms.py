@@ -20,6 +20,8 @@ exposes its fields as read-only attributes) and the query/key hooks.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -282,6 +284,22 @@ def update_layer_weights(weights: CostAttention, contributions: Sequence[tuple[T
 
 
 # ----------------------------------------------------------------------------- the base module
+class _ClassSignature:
+    """``inspect.signature`` of a loss class (``help()``, IDEs): its constructor's parameters,
+    ``**options`` replaced by the :class:`EMDLossConfig` fields as keyword-only parameters with
+    their defaults. Instances get None, so their signature stays that of their call."""
+
+    def __get__(self, obj: Any, owner: type) -> inspect.Signature | None:
+        if obj is not None:
+            return None
+        sig = inspect.signature(owner.__init__)
+        params = [p for p in list(sig.parameters.values())[1:] if p.kind is not p.VAR_KEYWORD]
+        names = {p.name for p in params}
+        options = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
+                   for f in dataclasses.fields(EMDLossConfig) if f.name not in names]
+        return sig.replace(parameters=[*params, *options])
+
+
 class EMDTerms(nn.Module):
     """Base of the BERT-EMD losses: the :class:`EMDLossConfig` (its fields read as attributes:
     ``loss.beta``, ``loss.gold_weight``, ...), the query/key hooks, and the terms one batch of one
@@ -291,6 +309,7 @@ class EMDTerms(nn.Module):
     """
 
     _build_hint = "build the loss with from_models(...) or call loss.attach(...)"
+    __signature__ = _ClassSignature()
 
     def __init__(self, config: EMDLossConfig) -> None:
         super().__init__()
