@@ -26,15 +26,7 @@
 // carved from the caller's workspace, so one CPU thread or one GPU thread runs it per problem.
 #pragma once
 
-#include <float.h>
-#include <math.h>
-#include <stdint.h>
-
-#if defined(__CUDACC__)
-#define BEMD_HD __host__ __device__
-#else
-#define BEMD_HD
-#endif
+#include "core_common.h"
 
 namespace bert_emd {
 namespace core {

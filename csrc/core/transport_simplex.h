@@ -36,17 +36,8 @@
 // rounding.
 #pragma once
 
-#include <float.h>
-#include <math.h>
-#include <stdint.h>
-
 #include "assignment.h"
-
-#if defined(__CUDACC__)
-#define BEMD_HD __host__ __device__
-#else
-#define BEMD_HD
-#endif
+#include "core_common.h"
 
 namespace bert_emd {
 namespace core {
