@@ -15,6 +15,7 @@ import torch.multiprocessing as mp  # noqa: E402
 
 pytest.importorskip("transformers")
 
+pytestmark = pytest.mark.slow  # multi-process runs
 STEPS, GLOBAL_BATCH, SEQ, VOCAB = 4, 8, 8, 50
 
 

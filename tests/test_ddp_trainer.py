@@ -36,6 +36,8 @@ from _distill_fixtures import (  # noqa: E402
 from bert_emd.distill.cli_commands import run_distill  # noqa: E402
 from bert_emd.distill.trainer import LOSS_STATE_NAME  # noqa: E402
 
+pytestmark = pytest.mark.slow  # multi-process runs
+
 
 def _argv(teacher, train, out, batch, *extra):
     """The distill command line; ``extra`` options come last and so override these (argparse keeps the last)."""

@@ -101,6 +101,7 @@ def _run(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_two_process_torchrun_fsdp_is_refused(data, tmp_path):
     """``torchrun --nproc_per_node 2 ... --fsdp full_shard`` (gloo): every rank stops with the
     message (before this check, accelerate ran it as DDP without a word)."""
@@ -114,6 +115,7 @@ def test_two_process_torchrun_fsdp_is_refused(data, tmp_path):
     assert not (out / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_accelerate_launch_use_fsdp_is_refused(data, tmp_path):
     """``accelerate launch --use_fsdp --num_processes 2`` (gloo, CPU): refused through the
     ``ACCELERATE_USE_FSDP`` variable the launcher sets."""

@@ -94,7 +94,7 @@ TEACHERS = {"sent": ("teacher_sent", "BertForSequenceClassification", 2, 3, 48),
 # or one multi-task teacher of both tasks (folder, layers, hidden size): one projection for both tasks
 MULTITASK_TEACHER = ("teacher_mtl", 3, 48)
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # multi-process
 
 
 def _bert_config(vocab_size: int, layers: int, hidden: int, **kwargs: float) -> transformers.BertConfig:

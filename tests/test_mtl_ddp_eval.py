@@ -30,7 +30,7 @@ from bert_emd.mtl.evaluation import eval_shard  # noqa: E402
 
 # the fixtures of the multi-task DDP tests: the tiny encoder (word-level tokenizer) and training data
 workspace = mtl_ddp.workspace
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # multi-process
 
 EVAL_BATCH = 3
 EVAL_ROWS = {"sent": 7, "tag": 9, "tiny": 1}

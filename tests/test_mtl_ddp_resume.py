@@ -39,7 +39,7 @@ from bert_emd.distill.trainer import LOSS_STATE_NAME  # noqa: E402
 
 # the fixtures of the multi-task DDP tests: the tiny encoder, teachers and tasks; one thread per process
 workspace = mtl_ddp.workspace
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # multi-process
 
 ROWS = 16  # training rows kept per task (training.limit_train)
 # driver: <folder> <stop after step, 0: never> <CLI arguments...>. Each rank appends the examples of
