@@ -139,7 +139,9 @@ def emd(
             at most M+N-1 non-zeros) or ``"sinkhorn"`` (entropic, smooth plan).
         reg: entropic regularisation (sinkhorn only), > 0.
         max_iter: pivot budget (exact; default :func:`default_max_iter`) or iteration budget
-            (sinkhorn). Reaching it sets ``status == MAX_ITER`` and warns.
+            (sinkhorn). Reaching it sets ``status == MAX_ITER`` and warns. Square problems with
+            uniform weights are assignment problems, which the C++ kernels solve without pivots
+            (a shortest-augmenting-path solver): the pivot budget does not apply to them there.
         tol: marginal error at which Sinkhorn stops (per problem).
         backend: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"torch"`` (reference).
             ``bert-emd info`` lists what runs here and why the others do not.
