@@ -6,7 +6,7 @@ j = 1..N with [B, H, L, d_T]; a the additive key mask of ``attention_mask``):
 
     scores  X_i[b,h,q,k] = (Q_i[b,h,q] . K_i[b,h,k]) / sqrt(d_S) + a[b,k],
             a[b,k] = 0 for a real key, ``mask_value`` (the original's -10000) for a padded one;
-            exactly what ``bert_emd.distill.hooks.AttentionScoreCapture.scores`` returns
+            exactly what ``bert_emd.nn.hooks.AttentionScoreCapture.scores`` returns
     probs   P_i = softmax over k of X_i (what eager attention of Hugging Face models returns
             before dropout)
     costs   D_ij = layer_costs(X or P) = sum_e w[e] (f(X_i[e]) - f(Y_j[e]))^2 / sum_e w[e],
@@ -50,7 +50,7 @@ def acc_dtype(*sides: Sequence[torch.Tensor]) -> torch.dtype:
 def additive_key_mask(attention_mask: torch.Tensor, mask_value: float, dtype: torch.dtype) -> torch.Tensor:
     """[B, L] token mask (non-zero = real) -> additive key mask [B, 1, 1, L]: 0 real, ``mask_value`` padded.
 
-    For 0/1 (or bool) masks this is ``bert_emd.distill.hooks.additive_mask``, value for value.
+    For 0/1 (or bool) masks this is ``bert_emd.nn.hooks.additive_mask``, value for value.
     """
     real = attention_mask != 0
     return torch.where(real, 0.0, float(mask_value)).to(dtype)[:, None, None, :]
