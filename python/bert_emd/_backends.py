@@ -100,9 +100,9 @@ _SELECTED: dict[tuple[str, str, str, bool], str] = {}
 def select(op: str, backend: str, device: torch.device) -> str:
     """Resolve ``backend`` ("auto" or a name) for ``op`` on ``device``; raise if it cannot run.
 
-    Successful resolutions are memoised (they depend only on what is built and on
-    TRITON_INTERPRET), since this runs on every call of every op."""
-    key = (op, backend, device.type, triton_interpret())
+    Successful resolutions are memoised (they depend only on what is built and, for an explicit
+    ``"triton"`` only, on TRITON_INTERPRET), since this runs on every call of every op."""
+    key = (op, backend, device.type, backend == "triton" and triton_interpret())
     hit = _SELECTED.get(key)
     if hit is not None:
         return hit
