@@ -1,10 +1,12 @@
 """Private helpers shared by the op modules of ``bert_emd.ops``, so that no op module reaches
 into another's private names:
 
+  * when a call may take the eager path (its backend and autograd rule called directly, not the
+    registered op: :func:`eager`), and the direct kernel call (:func:`call_below_autograd`);
   * the dtypes the cost ops accept and the per-layer ``needs_input_grad`` flags of ``Tensor[]``
     arguments (``layer_costs``, ``attention_costs``);
   * the autograd rule of the transport ops (``emd``'s exact method and Sinkhorn: envelope
-    gradients, the plan and duals saved as constants);
+    gradients, the plan and duals saved as constants), and its eager form (``EagerTransport``);
   * the names of the ``layer_costs`` ops per backend (``layer_costs`` dispatches to them, the
     ``cpu`` backend of ``attention_costs`` runs them on its tiles);
   * which query rows and keys of ``attention_costs`` provably add nothing (both its ``cpu`` and
@@ -25,11 +27,51 @@ from ..reference.attention_costs import acc_dtype
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
+# ------------------------------------------------------------------------ eager fast path
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def eager(t: torch.Tensor) -> bool:
+    """True when a call on ``t`` (the first input; the others must be on its device and of its
+    kind) may run its backend and autograd rule directly instead of through the registered op:
+    eager mode on plain tensors. The registered op's dispatcher layers are Python here (the
+    autograd kernel of ``torch.library.register_autograd`` flattens ``Tensor[]`` arguments with
+    pytree, ``custom_op`` wraps every call), several times the cost of a small kernel.
+
+    False, so that the registered op runs (its fake kernel, its registration as traced), under
+    ``torch.compile``, under a ``TorchDispatchMode`` (``FakeTensorMode``, ``make_fx``), under a
+    ``TorchFunctionMode``, inside functorch transforms, and for tensor subclasses (fake tensors,
+    ``DTensor``, wrappers)."""
+    return (type(t) in _PLAIN and not torch.compiler.is_compiling() and not torch._C._len_torch_dispatch_stack()
+            and not torch._C._is_torch_function_mode_enabled() and not torch._C._are_functorch_transforms_active())
+
+
+_KERNEL_KEYS = {"cpu": torch._C.DispatchKeySet(torch._C.DispatchKey.CPU),
+                "cuda": torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)}
+
+
+def call_below_autograd(op, backend: str, *args):
+    """``op(*args)`` below autograd, on the eager path (:func:`eager`). For a C++ op's ``cpu`` or
+    ``cuda`` kernel, a boxed redispatch straight to it (no autograd key, no argument parsing: a
+    third of a 4 x 12 ``emd`` call), except while the profiler records (it records ops as they are
+    called, not redispatched); otherwise the op under ``_AutoDispatchBelowAutograd``."""
+    keys = _KERNEL_KEYS.get(backend)
+    if keys is not None and not torch._C._autograd._profiler_enabled():
+        return op.redispatch(keys, *args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
 def grad_flags(flag, n: int) -> list[bool]:
     """One bool per tensor of a ``Tensor[]`` argument of n tensors, from its ``needs_input_grad``
     entry (a flag per tensor, or one flag for all)."""
     return [bool(f) for f in flag] if isinstance(flag, (list, tuple)) else [bool(flag)] * n
 
+
+# Device tensors are reshaped with methods (unsqueeze, view), not Python indexing, in the code the
+# ops run on accelerators, and negated with ``logical_not``, not ``~``: ``t[..., None]`` and ``~t``
+# set a device guard in torch's Python bindings, which a CPU-only torch lacks for CUDA, so
+# tests/test_no_host_sync.py could not walk them on fake CUDA tensors.
 
 # --------------------------------------------------------------------- transport autograd rule
 # Envelope theorem: the optimal plan and duals are constants of the backward,
@@ -48,18 +90,38 @@ def transport_setup_context(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(*output[1:])
 
 
-def transport_grads(ctx, g_value: torch.Tensor):
-    """(d cost, d a, d b) for the gradient ``g_value`` [...] of the value (None where not needed);
-    an op's backward appends None for each of its options."""
+def transport_grads(ctx, g_value: torch.Tensor, needs=None):
+    """(d cost, d a, d b) for the gradient ``g_value`` [...] of the value (None where not needed;
+    ``needs``: the three flags, default the first three of ``ctx.needs_input_grad``); an op's
+    backward appends None for each of its options."""
     plan, u, v = ctx.saved_tensors
+    need_cost, need_a, need_b = ctx.needs_input_grad[:3] if needs is None else needs
     g_cost = g_a = g_b = None
-    if ctx.needs_input_grad[0]:
-        g_cost = g_value[..., None, None] * plan
-    if ctx.needs_input_grad[1]:
-        g_a = (g_value[..., None] * (u - u.mean(-1, keepdim=True))).sum_to_size(ctx.a_shape).to(ctx.a_dtype)
-    if ctx.needs_input_grad[2]:
-        g_b = (g_value[..., None] * (v - v.mean(-1, keepdim=True))).sum_to_size(ctx.b_shape).to(ctx.b_dtype)
+    if need_cost:
+        g_cost = g_value.unsqueeze(-1).unsqueeze(-1) * plan
+    if need_a:
+        g_a = (g_value.unsqueeze(-1) * (u - u.mean(-1, keepdim=True))).sum_to_size(ctx.a_shape).to(ctx.a_dtype)
+    if need_b:
+        g_b = (g_value.unsqueeze(-1) * (v - v.mean(-1, keepdim=True))).sum_to_size(ctx.b_shape).to(ctx.b_dtype)
     return g_cost, g_a, g_b
+
+
+class EagerTransport(torch.autograd.Function):
+    """The transport rule above around a backend op called below autograd: what a transport op
+    registered with this rule computes in eager mode, without the Python autograd kernel of
+    ``torch.library.register_autograd`` (see :func:`eager`). ``apply(op, backend, cost, a, b,
+    *options)`` -> (value, plan, u, v, status)."""
+
+    @staticmethod
+    def forward(ctx, op, backend, cost, a, b, *options):
+        out = call_below_autograd(op, backend, cost, a, b, *options)
+        transport_setup_context(ctx, (cost, a, b), out)
+        ctx.n_options = len(options)
+        return out
+
+    @staticmethod
+    def backward(ctx, g_value, *unused):
+        return (None, None, *transport_grads(ctx, g_value, ctx.needs_input_grad[2:5]), *([None] * ctx.n_options))
 
 
 # ------------------------------------------------------------------------- layer_costs ops
@@ -99,7 +161,7 @@ class Norms:
 
     def _max(self, n: torch.Tensor, where: torch.Tensor | None) -> torch.Tensor:
         if where is not None:
-            n = torch.where(where.to(n.device)[:, None, :], n, torch.zeros((), dtype=n.dtype, device=n.device))
+            n = torch.where(where.to(n.device).unsqueeze(1), n, torch.zeros((), dtype=n.dtype, device=n.device))
         return n.amax(dim=(1, 2)) if n.numel() else n.new_zeros(n.shape[0])
 
     def worst(self, rows: torch.Tensor | None, keys: torch.Tensor | None, plus_all_keys: bool = False) -> torch.Tensor:
@@ -133,7 +195,7 @@ def padded_keys_vanish(norms: Norms, attention_mask, mask_value, probs, attentio
     worst = norms.worst(None, padded, plus_all_keys=probs)
     mv = float(mask_value)
     if probs:  # the row max is a real key's: some key must be real
-        return (1.01 * worst + mv < limit) & (~padded).any(dim=1)
+        return (1.01 * worst + mv < limit) & padded.logical_not().any(dim=1)
     floor = float(attention_floor)
     return 1.01 * worst + mv + 1e-5 * (abs(mv) + abs(floor)) < floor
 
@@ -151,7 +213,7 @@ def live_masks(norms: Norms, attention_mask, mask, mask_value, probs, attention_
             cols = rows
     if attention_mask is not None:
         vanish = padded_keys_vanish(norms, attention_mask, mask_value, probs, attention_floor, acc)
-        cols = cols & ~((attention_mask.to(q0.device) == 0) & vanish[:, None])
+        cols = cols & ((attention_mask.to(q0.device) == 0) & vanish.unsqueeze(1)).logical_not()
     return rows, cols
 
 
