@@ -7,7 +7,9 @@ Registration (once for every backend):
     with the same signature;
 and one autograd rule (the transport rule of ``bert_emd.ops._common``, shared with Sinkhorn)
 and one fake kernel (:func:`_fake`) attached to each, so every backend differentiates and traces
-identically. The Python paths check their inputs with ``bert_emd.ops._validate``.
+identically. The Python paths check their inputs with ``bert_emd.ops._validate``. In eager mode
+on plain tensors :func:`emd` calls the kernel directly (``_common.call_below_autograd``) and, for a
+gradient, applies the rule itself (``_common.EagerTransport``).
 
 Gradients (envelope theorem: the optimal plan and duals are constants of the backward):
   d value / d cost = plan,   d value / d a = u - mean(u),   d value / d b = v - mean(v).
@@ -24,7 +26,7 @@ import torch
 
 from .. import _backends, _ext
 from ..reference.emd import emd_exact_reference
-from ._common import transport_grads, transport_setup_context
+from ._common import EagerTransport, call_below_autograd, eager, transport_grads, transport_setup_context
 from ._validate import check_emd_inputs
 
 __all__ = ["EMDResult", "EMDStatus", "emd", "default_max_iter"]
@@ -106,9 +108,13 @@ _ext.on_load(lambda: _register("bert_emd::emd_exact"))  # the C++ schema exists 
 
 
 def _exact_op(backend: str):
-    if backend == "torch":
-        return torch.ops.bert_emd.emd_exact_torch.default
-    return torch.ops.bert_emd.emd_exact.default  # cpu and cuda kernels of one op
+    op = _EXACT_OPS.get(backend)
+    if op is None:  # cpu and cuda: the kernels of one C++ op, which exists once the extension loads
+        op = _EXACT_OPS[backend] = torch.ops.bert_emd.emd_exact.default
+    return op
+
+
+_EXACT_OPS = {"torch": torch.ops.bert_emd.emd_exact_torch.default}
 
 
 # ----------------------------------------------------------------------------- public API
@@ -148,7 +154,8 @@ def emd(
         validate: check the inputs and raise ``ValueError`` naming the problem (NaN/Inf cost,
             negative or non-finite weights, unequal masses). On CUDA the check costs one
             device-to-host synchronisation; with ``validate=False`` an invalid problem gets
-            ``status == INVALID`` and NaN outputs instead.
+            ``status == INVALID`` and NaN outputs instead, and the exact method on the CUDA
+            kernel never synchronises with the host (forward or backward).
 
     Returns:
         :class:`EMDResult` ``(cost [...], plan [..., M, N], u [..., M], v [..., N], status [...])``
@@ -162,12 +169,8 @@ def emd(
     """
     if not isinstance(cost, torch.Tensor):
         raise ValueError(f"emd: cost must be a torch.Tensor, got {type(cost).__name__}")
-    for name, w in (("a", a), ("b", b)):
-        # checked here: a tensor on another device would route the whole call to that
-        # device's kernel (or the fake kernel for "meta") before any C++ check runs
-        if w is not None and (not isinstance(w, torch.Tensor) or w.device != cost.device):
-            where = w.device if isinstance(w, torch.Tensor) else type(w).__name__
-            raise ValueError(f"emd: {name} must be a tensor on the same device as cost ({cost.device}), got {where}")
+    if a is not None or b is not None:
+        _check_weight_devices(cost, a, b)
     if method == "exact":
         if cost.dim() < 2:
             raise ValueError(
@@ -178,25 +181,33 @@ def emd(
         elif max_iter < 0:
             raise ValueError(f"emd: max_iter must be >= 0, got {max_iter}")
         name = _backends.select("emd", backend, cost.device)
-        if name == "cuda" and cost.shape[-2] + cost.shape[-1] > _ext.cuda_max_nodes():
-            return _emd_on_cpu(cost, a, b, max_iter, validate,
-                               f"problems of size {cost.shape[-2]}x{cost.shape[-1]} exceed the CUDA kernel's "
-                               f"capacity (M + N <= {_ext.cuda_max_nodes()})")
-        if name == "torch" and backend == "auto" and _backends.host_fallback("emd", cost.device.type):
-            return _emd_on_cpu(cost, a, b, max_iter, validate,
-                               "bert_emd._C has no CUDA kernels (built without nvcc; rebuild with CUDA for the "
-                               "GPU kernel)")
+        if name != "cpu":
+            if name == "cuda" and cost.shape[-2] + cost.shape[-1] > _ext.cuda_max_nodes():
+                return _emd_on_cpu(cost, a, b, max_iter, validate,
+                                   f"problems of size {cost.shape[-2]}x{cost.shape[-1]} exceed the CUDA kernel's "
+                                   f"capacity (M + N <= {_ext.cuda_max_nodes()})")
+            if name == "torch" and backend == "auto" and _backends.host_fallback("emd", cost.device.type):
+                return _emd_on_cpu(cost, a, b, max_iter, validate,
+                                   "bert_emd._C has no CUDA kernels (built without nvcc; rebuild with CUDA for the "
+                                   "GPU kernel)")
         op = _exact_op(name)
         args = (cost, a, b, int(max_iter), bool(validate))
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and _any_requires_grad(cost, a, b)):
-            value, plan, u, v, status = op(*args)
-        else:
+        fast = eager(cost)
+        if torch.is_grad_enabled() and (cost.requires_grad or _any_requires_grad(cost, a, b)):
+            # eager: the autograd rule around the kernel called directly (the registered
+            # autograd kernel is Python, several times the cost of a small solve)
+            value, plan, u, v, status = EagerTransport.apply(op, name, *args) if fast else op(*args)
+        elif fast:
             # No input needs a gradient: skip the Python autograd kernel (~8 us a call, which
             # matters on the per-step B = 1 path) and go straight to the device kernel.
+            value, plan, u, v, status = call_below_autograd(op, name, *args)
+        elif torch.compiler.is_compiling():
+            value, plan, u, v, status = op(*args)
+        else:  # a mode or a tensor subclass: the op as registered, below autograd
             with torch._C._AutoDispatchBelowAutograd():
                 value, plan, u, v, status = op(*args)
-        if validate:
-            _check_status(status, cost, a, b, f"max_iter={max_iter} pivots before optimality")
+        if validate and not (fast and status.numel() == 1 and not status.item()):  # (one problem, solved: done)
+            _check_status(status, cost, a, b, max_iter)
         return EMDResult(value, plan, u, v, status)
     if method == "sinkhorn":
         from .sinkhorn import sinkhorn_dispatch
@@ -220,13 +231,23 @@ def _emd_on_cpu(cost, a, b, max_iter: int, validate: bool, why: str) -> EMDResul
     return EMDResult(*(t.to(cost.device) for t in res))
 
 
+def _check_weight_devices(cost: torch.Tensor, a, b) -> None:
+    for name, w in (("a", a), ("b", b)):
+        # checked here: a tensor on another device would route the whole call to that
+        # device's kernel (or the fake kernel for "meta") before any C++ check runs
+        if w is not None and (not isinstance(w, torch.Tensor) or w.device != cost.device):
+            where = w.device if isinstance(w, torch.Tensor) else type(w).__name__
+            raise ValueError(f"emd: {name} must be a tensor on the same device as cost ({cost.device}), got {where}")
+
+
 def _any_requires_grad(cost: torch.Tensor, a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     return cost.requires_grad or (a is not None and a.requires_grad) or (b is not None and b.requires_grad)
 
 
-def _check_status(status: torch.Tensor, cost: torch.Tensor, a, b, what: str | None) -> None:
+def _check_status(status: torch.Tensor, cost: torch.Tensor, a, b, what: str | int | None) -> None:
     """After a validated solve: raise for invalid problems and warn for problems stopped at the
-    iteration budget (``what`` names it; None: the caller has warned already). The CPU kernel
+    iteration budget (``what`` names it, an int being the exact method's pivot budget; None: the
+    caller has warned already). The CPU kernel
     raises invalid input itself; the CUDA kernel reports it as status INVALID (it never
     synchronises), and the precise message is then produced here by
     re-checking the inputs on the error path only. One scalar is read back (on CUDA: the one
@@ -246,6 +267,8 @@ def _check_status(status: torch.Tensor, cost: torch.Tensor, a, b, what: str | No
         )
     if what is None:
         return
+    if isinstance(what, int):
+        what = f"max_iter={what} pivots before optimality"
     stopped = int((status == EMDStatus.MAX_ITER).sum())
     warnings.warn(
         f"emd: {stopped} problem(s) reached {what} (status == MAX_ITER): their plans are feasible "

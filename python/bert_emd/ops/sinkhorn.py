@@ -36,7 +36,7 @@ import torch
 
 from .. import _backends, _ext
 from ..reference.sinkhorn import sinkhorn_reference
-from ._common import transport_grads, transport_setup_context
+from ._common import EagerTransport, call_below_autograd, eager, transport_grads, transport_setup_context
 from ._validate import check_emd_inputs, check_sinkhorn_args
 
 __all__ = ["DEFAULT_MAX_ITER", "sinkhorn_dispatch", "sinkhorn_op"]
@@ -172,7 +172,14 @@ def sinkhorn_dispatch(
                     f"its kernel holds at most {MAX_SIZE} x {MAX_SIZE} on chip. Use backend='torch' or 'auto'."
                 )
             name = "torch"
-    out = sinkhorn_op(name)(cost, a, b, float(reg), int(max_iter), float(tol))
+    op = sinkhorn_op(name)
+    args = (cost, a, b, float(reg), int(max_iter), float(tol))
+    if not eager(cost):  # compiling, a mode or a tensor subclass: the op as registered
+        out = op(*args)
+    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (cost, a, b)):
+        out = EagerTransport.apply(op, name, *args)  # the rule around the kernel called directly
+    else:
+        out = call_below_autograd(op, name, *args)
     counts = torch.stack([(out[4] == 1).sum(), (out[4] == 2).sum()]).tolist()  # one sync
     if counts[0]:
         warnings.warn(
