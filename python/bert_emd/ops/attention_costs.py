@@ -18,6 +18,9 @@ Every forward op returns (cost, lse) -- lse the row log-sum-exp [M + N, B, H, L]
 with ``probs`` (kept for the backward, O(L) memory), else an empty tensor; the ``cpu`` backend
 forms whole rows and recomputes probs directly, so its lse is always empty -- and all share one
 autograd rule, which calls the backward op of its own backend (tiles recomputed, never stored).
+In eager mode on plain tensors the public function applies that rule itself (:class:`_Eager`)
+around the backend called directly (``_common.eager``); the ``cpu`` backend then reads stacked
+(Q, K) as they are and, for a small problem, keeps its maps for the backward.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ from ..reference.attention_costs import (
     attention_costs_materialized_grad,
     attention_lse,
 )
-from ._common import SUPPORTED_DTYPES, grad_flags, live_spans
+from . import attention_costs_small as small
+from ._common import SUPPORTED_DTYPES, eager, grad_flags, live_spans
 from .attention_costs_cpu import attention_costs_bwd_cpu, attention_costs_fwd_cpu
 
 __all__ = ["attention_costs"]
@@ -76,37 +80,70 @@ def _bwd_fake(grad, sq, sk, tq, tk, lse, attention_mask, mask, mask_value, probs
 
 
 def _setup_context(ctx, inputs, output, *, bwd: str):
-    sq, sk, tq, tk, attention_mask, mask, mask_value, probs, per_sample, attention_floor = inputs
-    _, lse = output
+    _save(ctx, inputs, output[1], bwd)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _save(ctx, inputs, lse, bwd: str) -> None:
+    """What the rule's backward needs: the layers (each group a list of layers, or on the eager
+    path of the ``cpu`` backend one stacked tensor), lse, the masks and the options."""
+    attention_mask, mask = inputs[4], inputs[5]
     ctx.bwd = bwd
-    ctx.M, ctx.N = len(sq), len(tq)
+    ctx.options = inputs[6:]  # mask_value, probs, per_sample, attention_floor
     ctx.has_am, ctx.has_mask = attention_mask is not None, mask is not None
-    ctx.options = (mask_value, probs, per_sample, attention_floor)
-    extra = [t for t in (attention_mask, mask) if t is not None]
-    ctx.save_for_backward(*sq, *sk, *tq, *tk, lse, *extra)
-    ctx.mark_non_differentiable(lse)
+    spec, flat = [], []
+    for g in inputs[:4]:
+        if isinstance(g, torch.Tensor):  # stacked: 0
+            spec.append(0)
+            flat.append(g)
+        else:
+            spec.append(len(g))
+            flat.extend(g)
+    ctx.spec = spec
+    if attention_mask is not None:
+        flat.append(attention_mask)
+    if mask is not None:
+        flat.append(mask)
+    ctx.save_for_backward(lse, *flat)
 
 
 def _backward(ctx, grad, _grad_lse):
-    saved = list(ctx.saved_tensors)
-    M, N = ctx.M, ctx.N
-    sq, sk = saved[:M], saved[M : 2 * M]
-    tq, tk = saved[2 * M : 2 * M + N], saved[2 * M + N : 2 * M + 2 * N]
-    lse = saved[2 * M + 2 * N]
-    rest = saved[2 * M + 2 * N + 1 :]
-    attention_mask = rest.pop(0) if ctx.has_am else None
-    mask = rest.pop(0) if ctx.has_mask else None
-    flags = [grad_flags(f, n) for f, n in zip(ctx.needs_input_grad[:4], (M, M, N, N))]
-    need_s = any(flags[0]) or any(flags[1])
-    need_t = any(flags[2]) or any(flags[3])
-    out = [[None] * n for n in (M, M, N, N)]  # the structure of the inputs, always
+    op = getattr(torch.ops.bert_emd, ctx.bwd).default
+    return (*_grads(ctx, grad, ctx.needs_input_grad[:4], op), None, None, None, None, None, None)
+
+
+def _any(flag) -> bool:
+    return flag if isinstance(flag, bool) else any(flag)
+
+
+def _grads(ctx, grad, needs, bwd_op, lists: bool = True) -> list:
+    """The rule's gradients of the groups (sq, sk, tq, tk), each in the form of the saved group: a
+    list (None where not needed) or one tensor (None if not needed); ``needs``: their
+    ``needs_input_grad`` entries (a flag per layer, or one for all). ``bwd_op``, the backward of
+    the forward's backend, takes groups as lists (``lists``) or as saved."""
+    saved = ctx.saved_tensors
+    lse, groups, i = saved[0], [], 1
+    for n in ctx.spec:
+        groups.append(saved[i] if n == 0 else list(saved[i : i + n]))
+        i += n or 1
+    attention_mask = saved[i] if ctx.has_am else None
+    mask = saved[i + ctx.has_am] if ctx.has_mask else None
+    need_s = _any(needs[0]) or _any(needs[1])
+    need_t = _any(needs[2]) or _any(needs[3])
+    out: list = [None if n == 0 else [None] * n for n in ctx.spec]  # the structure of the groups, always
     if (need_s or need_t) and grad is not None:
-        op = getattr(torch.ops.bert_emd, ctx.bwd).default
-        grads = op(grad, sq, sk, tq, tk, lse, attention_mask, mask, *ctx.options, need_s, need_t)
-        for k, (g, f) in enumerate(zip(grads, flags)):
-            if g:
-                out[k] = [gi if fi else None for gi, fi in zip(g, f)]
-    return (*out, None, None, None, None, None, None)
+        args = [small.layers(g) for g in groups] if lists else groups
+        grads = bwd_op(grad, *args, lse, attention_mask, mask, *ctx.options, need_s, need_t)
+        for k, (g, f, n) in enumerate(zip(grads, needs, ctx.spec)):
+            if isinstance(g, torch.Tensor):  # a stacked group's, computed as one (one flag)
+                out[k] = g if _any(f) else None
+            elif not g:  # none computed: that side needs none
+                continue
+            elif n == 0:  # a stacked group given to the backend as layers
+                out[k] = torch.stack(g) if _any(f) else None
+            else:
+                out[k] = [gi if fi else None for gi, fi in zip(g, grad_flags(f, n))]
+    return out
 
 
 # --------------------------------------------------------------------- torch (materialising)
@@ -166,6 +203,64 @@ for _backend, (_fwd, _bwd) in _IMPLS.items():
     )
 
 
+# ------------------------------------------------------------------------------ eager calls
+def _regroup(tensors: tuple, counts: tuple[int, ...], stacked: tuple[bool, ...], split: bool) -> list:
+    """(sq, sk, tq, tk) from the flat inputs: ``counts`` tensors per group; a stacked group
+    ([layers, B, H, L, d], one tensor) stays stacked unless ``split``."""
+    out, i = [], 0
+    for n, st in zip(counts, stacked):
+        out.append((list(tensors[i].unbind(0)) if split else tensors[i]) if st else list(tensors[i : i + n]))
+        i += n
+    return out
+
+
+class _Eager(torch.autograd.Function):
+    """The op's autograd rule (:func:`_save`, :func:`_grads`) around its backend called directly:
+    what the registered op computes in eager mode, without the dispatcher's Python layers
+    (``_common.eager``). A stacked group [layers, B, H, L, d] is one input, given to the ``cpu``
+    backend as it is (split for the others, no autograd ``unbind``), its gradient one tensor.
+    ``how`` = (backend, tensors per group, stacked per group, mask_value, probs, per_sample,
+    attention_floor)."""
+
+    @staticmethod
+    def forward(ctx, how, attention_mask, mask, *tensors):
+        backend, counts, stacked = how[:3]
+        groups = _regroup(tensors, counts, stacked, split=backend != "cpu")
+        inputs = (*groups, attention_mask, mask, *how[3:])
+        ctx.kept = [] if backend == "cpu" else None  # a small problem's maps, for the backward
+        with torch._C._AutoDispatchBelowAutograd():
+            cost, lse = (attention_costs_fwd_cpu(*inputs, keep=ctx.kept) if backend == "cpu"
+                         else _IMPLS[backend][0](*inputs))
+        _save(ctx, inputs, lse, _OPS[backend][1])
+        ctx.how = how
+        return cost
+
+    @staticmethod
+    def backward(ctx, grad):
+        backend, counts, stacked = ctx.how[:3]
+        flat = ctx.needs_input_grad[3:]
+        if len(flat) == 4:  # one tensor a group
+            needs = flat
+        else:
+            needs, i = [], 0
+            for n, st in zip(counts, stacked):
+                needs.append(flat[i] if st else flat[i : i + n])
+                i += n
+        if torch.is_grad_enabled() or not eager(grad):  # create_graph, or a mode: the registered op
+            grads = _grads(ctx, grad, needs, getattr(torch.ops.bert_emd, ctx.bwd).default)
+        else:
+            bwd = functools.partial(attention_costs_bwd_cpu, kept=ctx.kept) if ctx.kept else _IMPLS[backend][1]
+            with torch._C._AutoDispatchBelowAutograd():
+                grads = _grads(ctx, grad, needs, bwd, lists=backend != "cpu")
+        ctx.kept = None
+        out: list = [None, None, None]
+        for g, st in zip(grads, stacked):
+            if st and isinstance(g, list):  # split for the backend
+                g = None if g[0] is None else torch.stack(g)
+            out.extend([g] if st else g)
+        return tuple(out)
+
+
 # ----------------------------------------------------------------------------------- dispatch
 def _select(backend: str, device: torch.device) -> str:
     return _backends.select("attention_costs", backend, device)
@@ -175,16 +270,25 @@ def _select(backend: str, device: torch.device) -> str:
 QK = tuple[torch.Tensor, torch.Tensor]
 
 
-def _as_qk(name: str, x) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """(queries, keys) lists from M (q, k) pairs or from a pair of stacked [M, B, H, L, d] tensors."""
-    if isinstance(x, torch.Tensor) or isinstance(x, (str, bytes)) or not isinstance(x, Sequence):
+Group = torch.Tensor | list[torch.Tensor]  # the queries (or keys) of a side: stacked, or one tensor a layer
+
+
+def _as_qk(name: str, x) -> tuple[Group, Group]:
+    """(queries, keys) from M (q, k) pairs (lists) or from a pair of stacked [M, B, H, L, d]
+    tensors (kept stacked; :func:`_layers` splits them where lists are needed)."""
+    if type(x) not in (tuple, list) and (isinstance(x, (torch.Tensor, str, bytes)) or not isinstance(x, Sequence)):
         raise ValueError(
             f"attention_costs: {name} must be a sequence of (query, key) pairs [B, H, L, d_head] (one per "
             f"layer) or a pair (Q, K) of stacked tensors [layers, B, H, L, d_head], got {type(x).__name__}"
         )
     items = list(x)
     if len(items) == 2 and all(isinstance(t, torch.Tensor) and t.dim() == 5 for t in items):
-        return list(items[0].unbind(0)), list(items[1].unbind(0))
+        if items[0].shape[0] != items[1].shape[0] or items[0].shape[0] == 0:
+            raise ValueError(
+                f"attention_costs: {name} stacked queries and keys must hold the same number (>= 1) of layers, "
+                f"got {items[0].shape[0]} and {items[1].shape[0]}"
+            )
+        return items[0], items[1]
     if not items:
         raise ValueError(f"attention_costs: {name} must hold at least one (query, key) pair, got none")
     qs, ks = [], []
@@ -200,36 +304,59 @@ def _as_qk(name: str, x) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     return qs, ks
 
 
-def _check_side(name: str, qs: list[torch.Tensor], ks: list[torch.Tensor], device: torch.device) -> None:
-    ref = qs[0]
+def _check_side(name: str, qs: Group, ks: Group, device: torch.device) -> torch.Size:
+    """Every query and key of a side: [B, H, L, d], a supported dtype, the dtype and shape of the
+    side's first query, on ``device``. Returns that shape."""
+    stacked = isinstance(qs, torch.Tensor)
+    ref_dtype, shape = (qs.dtype, qs.shape[1:]) if stacked else (qs[0].dtype, qs[0].shape)
+    ok = len(shape) == 4 and ref_dtype in SUPPORTED_DTYPES
+    if ok and stacked:  # the common cases in a few attribute reads per layer; details on a mismatch
+        ok = (ks.dtype is ref_dtype and qs.device == device and ks.device == device and ks.shape[1:] == shape)
+    elif ok:
+        ok = all(t.dtype is ref_dtype and t.device == device and t.shape == shape for t in (*qs, *ks))
+    if not ok:
+        def describe(x: Group) -> list[tuple]:
+            if isinstance(x, torch.Tensor):
+                return [(x.dim() - 1, x.dtype, x.device, x.shape[1:])] * x.shape[0]
+            return [(t.dim(), t.dtype, t.device, t.shape) for t in x]
+
+        _explain_side(name, describe(qs), describe(ks), device)
+    if shape[-1] < 1:
+        raise ValueError(f"attention_costs: {name} head size d_head must be >= 1, got shape {list(shape)}")
+    return shape
+
+
+def _explain_side(name: str, qs: list[tuple], ks: list[tuple], device: torch.device) -> None:
+    """Raise the ValueError for the first query or key of a side that does not match (each given
+    as (dim, dtype, device, shape))."""
+    _, ref_dtype, _, ref_shape = qs[0]
     for i, (q, k) in enumerate(zip(qs, ks)):
-        for what, t in (("query", q), ("key", k)):
-            if t.dim() != 4:
+        for what, (dim, dtype, dev, shape) in (("query", q), ("key", k)):
+            if dim != 4:
                 raise ValueError(
-                    f"attention_costs: {name}[{i}] {what} must have shape [B, H, L, d_head], got {list(t.shape)}"
+                    f"attention_costs: {name}[{i}] {what} must have shape [B, H, L, d_head], got {list(shape)}"
                 )
-            if t.dtype not in SUPPORTED_DTYPES:
+            if dtype not in SUPPORTED_DTYPES:
                 raise ValueError(
                     f"attention_costs: {name}[{i}] {what} must be float32, float64, float16 or bfloat16, "
-                    f"got {t.dtype}"
+                    f"got {dtype}"
                 )
-            if t.dtype != ref.dtype:
+            if dtype != ref_dtype:
                 raise ValueError(
                     f"attention_costs: every {name} query and key must have one dtype: {name}[0] query is "
-                    f"{ref.dtype} but {name}[{i}] {what} is {t.dtype}"
+                    f"{ref_dtype} but {name}[{i}] {what} is {dtype}"
                 )
-            if t.device != device:
+            if dev != device:
                 raise ValueError(
                     f"attention_costs: {name}[{i}] {what} must be on {device} (the device of the first "
-                    f"student query), got {t.device}"
+                    f"student query), got {dev}"
                 )
-            if t.shape != ref.shape:
+            if shape != ref_shape:
                 raise ValueError(
-                    f"attention_costs: {name}[{i}] {what} must have the shape {list(ref.shape)} of {name}[0] "
-                    f"query (all queries and keys of one side share [B, H, L, d_head]), got {list(t.shape)}"
+                    f"attention_costs: {name}[{i}] {what} must have the shape {list(ref_shape)} of {name}[0] "
+                    f"query (all queries and keys of one side share [B, H, L, d_head]), got {list(shape)}"
                 )
-    if ref.shape[-1] < 1:
-        raise ValueError(f"attention_costs: {name} head size d_head must be >= 1, got shape {list(ref.shape)}")
+    raise AssertionError("no mismatching query or key")  # pragma: no cover
 
 
 def _check_mask(name: str, m, B: int, L: int, device: torch.device) -> None:
@@ -301,7 +428,7 @@ def attention_costs(
         D [M, N] (or [B, M, N]), float32 (float64 if an input is float64). NaN where the mean runs
         over nothing (B = 0, or a sample without real tokens). Differentiable w.r.t. the queries and
         keys of both sides (the teacher's only when they require grad); the backward recomputes
-        the tiles.
+        the tiles. On CUDA tensors neither pass synchronises with the host.
 
     Raises:
         ValueError: invalid shapes (different head counts or lengths included), dtypes, devices or
@@ -310,11 +437,10 @@ def attention_costs(
     """
     sq, sk = _as_qk("student_qk", student_qk)
     tq, tk = _as_qk("teacher_qk", teacher_qk)
-    device = sq[0].device
-    _check_side("student_qk", sq, sk, device)
-    _check_side("teacher_qk", tq, tk, device)
-    Bs, Hs, Ls, _ = sq[0].shape
-    Bt, Ht, Lt, _ = tq[0].shape
+    first = sq if isinstance(sq, torch.Tensor) else sq[0]
+    device = first.device
+    Bs, Hs, Ls, _ = _check_side("student_qk", sq, sk, device)
+    Bt, Ht, Lt, _ = _check_side("teacher_qk", tq, tk, device)
     if Hs != Ht:
         raise ValueError(
             f"attention_costs: student has {Hs} attention heads, teacher {Ht}: attention maps are compared "
@@ -336,8 +462,17 @@ def attention_costs(
     floor = _number("attention_floor", attention_floor, True)
     mv = _number("mask_value", mask_value, False)
     name = _select(backend, device)
+    groups = (sq, sk, tq, tk)
+    options = (attention_mask, mask, mv, source == "probs", per_sample, floor)
+    if eager(first):
+        stacked = tuple(isinstance(g, torch.Tensor) for g in groups)
+        tensors = tuple(t for g, st in zip(groups, stacked) for t in ((g,) if st else g))
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*tensors, *options[:2])):
+            counts = tuple(1 if st else len(g) for g, st in zip(groups, stacked))
+            return _Eager.apply((name, counts, stacked, *options[2:]), *options[:2], *tensors)
+        with torch._C._AutoDispatchBelowAutograd():  # the cpu backend reads stacked groups as they are
+            cost, _lse = _IMPLS[name][0](*(g if name == "cpu" else small.layers(g) for g in groups), *options)
+        return cost
     fwd, _ = _OPS[name]
-    cost, _lse = getattr(torch.ops.bert_emd, fwd).default(
-        sq, sk, tq, tk, attention_mask, mask, mv, source == "probs", per_sample, floor
-    )
+    cost, _lse = getattr(torch.ops.bert_emd, fwd).default(*(small.layers(g) for g in groups), *options)
     return cost

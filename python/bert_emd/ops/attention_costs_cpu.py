@@ -21,6 +21,7 @@ import torch
 
 from .. import _backends
 from ..reference.attention_costs import acc_dtype, additive_key_mask
+from . import attention_costs_small as small
 from ._common import LAYER_COSTS_OPS, Box, Live, Norms, live_region
 
 __all__ = ["CPU_CHUNK_ELEMENTS", "LOWRANK_BACKWARD", "attention_costs_fwd_cpu", "attention_costs_bwd_cpu"]
@@ -229,10 +230,25 @@ def _counts(mask: torch.Tensor | None, B: int, H: int, L: int, acc, device) -> t
     return H * c * c
 
 
-def attention_costs_fwd_cpu(sq, sk, tq, tk, attention_mask, mask, mask_value, probs, per_sample, attention_floor):
-    M, N = len(sq), len(tq)
-    B, H, L, _ = sq[0].shape
-    acc = acc_dtype(sq, tq)
+def _sizes(sq, tq) -> tuple[int, int, int, int, int, torch.dtype]:
+    """(M, N, B, H, L, accumulation dtype) of groups given as lists of layers or stacked."""
+    if isinstance(sq, torch.Tensor) and isinstance(tq, torch.Tensor):  # one dtype a group
+        acc = torch.float64 if torch.float64 in (sq.dtype, tq.dtype) else torch.float32
+        return sq.shape[0], tq.shape[0], *sq.shape[1:4], acc
+    sq, tq = small.layers(sq), small.layers(tq)
+    return len(sq), len(tq), *sq[0].shape[:3], acc_dtype(sq, tq)
+
+
+def attention_costs_fwd_cpu(sq, sk, tq, tk, attention_mask, mask, mask_value, probs, per_sample, attention_floor,
+                            keep: list | None = None):
+    """The forward op's implementation. A group of queries or keys is a list of layers (the
+    op's schema) or, on the eager path, one stacked tensor [layers, B, H, L, d]; there ``keep``
+    (a list) receives what the backward of a small problem can reuse (``attention_costs_small``)."""
+    M, N, B, H, L, acc = _sizes(sq, tq)
+    if small.fits(M, N, B, H, L, CPU_CHUNK_ELEMENTS):
+        return small.fwd(sq, sk, tq, tk, attention_mask, mask, mask_value, probs, per_sample, attention_floor, acc,
+                         keep)
+    sq, sk, tq, tk = (small.layers(g) for g in (sq, sk, tq, tk))
     device = sq[0].device
     lc_fwd, _ = _layer_cost_ops(device)
     S, T = _Side(sq, sk, acc, probs), _Side(tq, tk, acc, probs)
@@ -368,9 +384,16 @@ def _bwd_lowrank_side(Gn, X: _Side, Y: _Side, live: Live, samples: Sequence[int]
 
 
 def attention_costs_bwd_cpu(grad, sq, sk, tq, tk, lse, attention_mask, mask, mask_value, probs, per_sample,
-                            attention_floor, need_student, need_teacher):
-    B, H, L, _ = sq[0].shape
-    acc = acc_dtype(sq, tq)
+                            attention_floor, need_student, need_teacher, kept: list | None = None):
+    """The backward op's implementation (groups as :func:`attention_costs_fwd_cpu` takes them,
+    ``kept`` what its ``keep`` received); the gradients of a group come in its form: a list of
+    layers, or one stacked tensor."""
+    M, N, B, H, L, acc = _sizes(sq, tq)
+    if small.fits(M, N, B, H, L, CPU_CHUNK_ELEMENTS):
+        return small.bwd(grad, sq, sk, tq, tk, attention_mask, mask, mask_value, probs, per_sample, attention_floor,
+                         need_student, need_teacher, acc, kept)
+    stacked = [isinstance(g, torch.Tensor) for g in (sq, sk, tq, tk)]
+    sq, sk, tq, tk = (small.layers(g) for g in (sq, sk, tq, tk))
     device = sq[0].device
     n = _counts(mask, B, H, L, acc, device)
     G = grad.to(acc)
@@ -401,5 +424,5 @@ def attention_costs_bwd_cpu(grad, sq, sk, tq, tk, lse, attention_mask, mask, mas
             _bwd_cpu_side(GX, SX, SY, add, mask, attention_floor, boxes, dq, dk)
         out[slot] = [g.to(q.dtype) for g, q in zip(dq, xq)]
         out[slot + 1] = [g.to(t.dtype) for g, t in zip(dk, xk)]
-    return tuple(out)
+    return tuple(torch.stack(g) if st and g else g for g, st in zip(out, stacked))
 
