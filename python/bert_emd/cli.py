@@ -20,6 +20,7 @@ BENCHES: dict[str, str] = {
     "attention": "bench_attention_costs",
     "distill-step": "bench_distill_step",
     "import": "bench_import",
+    "overhead": "bench_overhead",
 }
 
 
