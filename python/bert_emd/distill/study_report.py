@@ -29,7 +29,8 @@ def _budget_lines(result: dict[str, Any]) -> list[str]:
         f"- Stage 1 (intermediate layers only: attention, hidden, embedding terms; no prediction term, no labels): "
         f"{b['stage1_epochs']:g} epoch over the transfer set = {s1_steps:g} steps of {bs}, lr {b['stage1_lr']:g}, "
         f"beta {b['beta']:g}.",
-        f"- Stage 2 (prediction distillation, alpha 0.8, T 1; `no teacher`: alpha 0, gold labels only): "
+        f"- Stage 2 (prediction distillation: soft cross-entropy to the teacher, T 1, with gold weight 0.2; "
+        f"`no teacher`: gold weight 1, gold labels only): "
         f"{b['stage2_epochs']:g} epoch(s) over the labelled set = {s2_steps:g} steps of {bs}, lr {b['stage2_lr']:g}.",
         "- AdamW, linear schedule, 10% warmup, length-grouped batches, seed s: the same random start and data order "
         "in every row.",
