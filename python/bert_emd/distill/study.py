@@ -93,7 +93,7 @@ class StudyBudget:
     teacher_lr: float = 5e-5
     stage1_lr: float = 1e-3  # both from a dev-only pilot (docs/study.md)
     stage2_lr: float = 3e-4
-    beta: float = 1.0  # stage 1's loss is beta * (layer terms): a scale that AdamW cancels
+    beta: float = 1.0  # stage 1's loss is beta * (layer terms): a scale AdamW largely cancels
     max_length: int = 64
     batch_size: int = 32
     logging_steps: int = 10

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["format_acc", "hierarchical_bootstrap", "reading", "row_summary"]
+__all__ = ["excludes_zero", "format_acc", "format_diff", "hierarchical_bootstrap", "reading", "row_summary"]
 
 
 def hierarchical_bootstrap(
@@ -135,7 +135,7 @@ def reading(rows: list[dict[str, Any]], *, reference: str, teacher: dict[str, fl
     if comps and not better and not worse:
         out.append(f"No interval excludes 0: no row separates from {ref['name']} at {budget_words}.")
     elif unresolved:
-        names = ", ".join(r["name"] for r in unresolved)
+        names = "; ".join(r["name"] for r in unresolved)  # names may hold commas
         out.append(f"The intervals against {names} include 0: those differences are not resolved at {budget_words}.")
     fixed = [r for r in comps if r["key"] in fixed_mappings]
     if fixed and all(not excludes_zero(r["vs_ref"]) for r in fixed):
