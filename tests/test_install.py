@@ -157,6 +157,27 @@ def test_without_a_compiler_the_python_backends_serve_with_one_warning(tmp_path)
     assert "auto -> torch" in info.stdout
 
 
+def test_without_the_sources_the_python_backends_serve_with_one_warning(tmp_path):
+    """An install that lost bert_emd/_csrc (a compiler is there): nothing to compile, one warning
+    naming that, never an exception from the first-use build."""
+    site = _pure_install(tmp_path)
+    shutil.rmtree(site / "bert_emd" / "_csrc")
+    code = textwrap.dedent("""
+        import warnings
+        import torch, bert_emd
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(2):
+                r = bert_emd.emd(torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
+        assert abs(float(r.cost)) < 1e-12
+        msgs = [str(w.message) for w in caught]
+        assert len(msgs) == 1 and "sources" in msgs[0], msgs
+        print("ok")
+    """)
+    out = _run(site, code, {"BERT_EMD_CACHE": str(tmp_path / "cache")})
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
 def test_a_build_for_another_torch_is_not_loaded(tmp_path):
     """The ABI guard at import: a recorded mismatch is named, with the fix, and not loaded."""
     if _ext.loaded_from() != "package":

@@ -54,7 +54,7 @@ _state_lock = threading.RLock()
 _loaded_from: str | None = None  # "package" (ahead of time) or the cache folder's path
 _error: str | None = None  # why nothing is loaded
 _callbacks: list[Callable[[], None]] = []
-_warned = False
+_gave_up = False  # ensure() found no way to the kernels in this process
 
 
 def has_extension() -> bool:
@@ -137,12 +137,14 @@ def _cache_dir(p: _build.BuildPlan) -> Path:
     return _build.cache_root() / p.key()
 
 
-def _try_cache() -> tuple[bool, str | None]:
-    """Load a finished first-use build for this torch, these sources and flags."""
+def _try_cache() -> tuple[bool, str | None, bool]:
+    """Load a finished first-use build for this torch, these sources and flags. Returns (loaded,
+    why not, whether compiling now could help: not without sources or a compiler, not after a
+    recorded failure, not when the cached build is there but does not load)."""
     try:
         p = _plan()
     except FileNotFoundError as exc:
-        return False, str(exc)
+        return False, str(exc), False
     folder = _cache_dir(p)
     ready = folder / _READY
     if ready.is_file():
@@ -150,18 +152,18 @@ def _try_cache() -> tuple[bool, str | None]:
         try:
             torch.ops.load_library(str(lib))
         except OSError as exc:
-            return False, f"the cached build {lib} could not be loaded ({exc}); run `bert-emd build --force`"
+            return False, f"the cached build {lib} could not be loaded ({exc}); run `bert-emd build --force`", False
         _loaded(str(folder))
-        return True, None
+        return True, None, False
     if (folder / _FAILED).is_file():
         first = (folder / _FAILED).read_text().strip().splitlines()[:1] or ["unknown error"]
         return False, (f"compiling the C++ kernels failed earlier ({first[0]}; log: {folder / _FAILED}); "
-                       "fix the cause and run `bert-emd build`")
+                       "fix the cause and run `bert-emd build`"), False
     if _build.find_cxx() is None:
         return False, (f"not compiled, and no C++ compiler was found ({os.environ.get('CXX', 'c++')}): install "
-                       "one (e.g. g++ >= 10) and run `bert-emd build` for the C++ kernels")
+                       "one (e.g. g++ >= 10) and run `bert-emd build` for the C++ kernels"), False
     return False, (f"not compiled yet for torch {torch.__version__}: compiles on the first use of a C++ kernel "
-                   f"(about 2 minutes on 2 cores; cached in {folder}), or now with `bert-emd build`")
+                   f"(about 2 minutes on 2 cores; cached in {folder}), or now with `bert-emd build`"), True
 
 
 def _load_at_import() -> None:
@@ -170,14 +172,13 @@ def _load_at_import() -> None:
     if ok:
         _loaded("package")
         return
-    ok, why_cache = _try_cache()
+    ok, why_cache, _ = _try_cache()
     if ok:
         return
     if why_pkg is not None:
         # an installed build that must not be used is worth saying at once, not at first use
         warnings.warn(f"bert-emd: {why_pkg}", RuntimeWarning, stacklevel=3)
     _error = why_cache if why_pkg is None else f"{why_pkg}. {why_cache}"
-
 
 
 # ----------------------------------------------------------------------------- compiling
@@ -187,29 +188,29 @@ def ensure(compile: bool = True) -> bool:
     With ``compile`` (and unless ``BERT_EMD_JIT=0``) a missing build is compiled now, with one
     progress line. A build that cannot be had (no compiler, a failed compile) warns once and
     returns False: the callers then use the ``torch`` / ``triton`` backends."""
-    global _warned, _error
+    global _gave_up, _error
     if has_extension():
         return True
-    if not compile or os.environ.get(JIT_ENV, "1").strip() == "0":
+    if _gave_up or not compile or os.environ.get(JIT_ENV, "1").strip() == "0":
         return False
     with _state_lock:
         if has_extension():
             return True
-        ok, why = _try_cache()
+        if _gave_up:
+            return False
+        ok, why, buildable = _try_cache()
         if ok:
             return True
-        if _build.find_cxx() is None or "failed earlier" in (why or ""):
-            _error = why
-        else:
+        _error = why
+        if buildable:
             try:
                 build()
                 return True
             except BuildError as exc:
                 _error = str(exc)
-        if not _warned:
-            _warned = True
-            warnings.warn(f"bert-emd: C++ kernels unavailable: {_error}. Using the PyTorch/Triton backends.",
-                          RuntimeWarning, stacklevel=3)
+        _gave_up = True  # decided for this process: one warning, no further attempts
+        warnings.warn(f"bert-emd: C++ kernels unavailable: {_error}. Using the PyTorch/Triton backends.",
+                      RuntimeWarning, stacklevel=3)
         return False
 
 
