@@ -67,7 +67,7 @@ def _extensions():
     plan = _build.plan(torch.__version__, torch.version.cuda, ROOT / "csrc")
     for note in plan.notes:
         print(f"bert-emd: {note}", file=sys.stderr)
-    sources = [str(s.relative_to(ROOT)) for s in (p.resolve() for p in plan.sources)]
+    sources = [str(s.relative_to(ROOT)) for s in plan.sources]
     if plan.cuda:
         ext = CUDAExtension("bert_emd._C", sources, include_dirs=plan.include_dirs(),
                             extra_compile_args={"cxx": plan.cxx_flags, "nvcc": plan.nvcc_flags},
