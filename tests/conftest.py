@@ -73,3 +73,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# The tiny multi-task workspaces (built once per module that uses them; see tests/helpers.py)
+@pytest.fixture(scope="module")
+def mtl_workspace(tmp_path_factory):
+    """A tiny encoder, a teacher per task and two small tasks (sentences, tags) with dev splits."""
+    import helpers
+
+    return helpers.build_mtl_workspace(tmp_path_factory.mktemp("mtl"))
+
+
+@pytest.fixture(scope="module")
+def mtl_ddp_workspace(tmp_path_factory):
+    """The multi-process tests' workspace: tiny encoder, per-task and multi-task teachers, two tasks."""
+    import helpers
+
+    return helpers.build_mtl_ddp_workspace(tmp_path_factory.mktemp("mtl_ddp"))
