@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bert_emd  # noqa: E402
-from _common import append_csv, markdown_table, median_time, provenance  # noqa: E402
+from _common import append_csv, markdown_table, median_time, provenance, pyplot, save_figure  # noqa: E402
 
 RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
 POOL = 2048  # distinct problems per (shape, B) that the timed calls cycle through (at least B)
@@ -229,13 +229,8 @@ def run(quick: bool, device: str, threads: int | None, update_results: bool, out
 
 
 def _plot(rows: list[dict], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     shapes = sorted({r["shape"] for r in rows if r["benchmark"] == "emd_exact"},
                     key=lambda s: int(s.split("x")[0]) * int(s.split("x")[1]))
@@ -252,9 +247,7 @@ def _plot(rows: list[dict], path: Path) -> None:
         ax.set_ylabel("us per problem")
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"plot written to {path}")
+    save_figure(fig, path)
 
 
 def _update_results_md(table: str, prov: dict) -> None:

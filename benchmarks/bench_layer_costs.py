@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import append_csv, markdown_table, median_time, provenance  # noqa: E402
+from _common import append_csv, markdown_table, median_time, provenance, pyplot, save_figure  # noqa: E402
 from bert_emd.ops.layer_costs import layer_costs  # noqa: E402
 from bert_emd.reference.layer_costs import layer_costs_original, layer_costs_vectorized  # noqa: E402
 
@@ -179,13 +179,8 @@ def _copy_bandwidth(dev, sync) -> float:
 
 
 def _plot(rows: list[dict], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     workloads = list(dict.fromkeys(r["workload"] for r in rows))
     providers = list(dict.fromkeys(r["provider"] for r in rows))
@@ -203,9 +198,7 @@ def _plot(rows: list[dict], path: Path) -> None:
         ax.grid(True, axis="y", which="both", alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.suptitle(rows[0]["machine"], fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"plot written to {path}")
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,11 +4,13 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
 #include <sstream>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "core/emd_batch.h"
@@ -120,6 +122,47 @@ inline std::vector<int64_t> emd_shape(const std::vector<int64_t>& batch, std::in
   std::vector<int64_t> s(batch);
   s.insert(s.end(), extra.begin(), extra.end());
   return s;
+}
+
+// The op's five outputs, allocated on the cost's device: value [...], plan [..., M, N], duals
+// [..., M] and [..., N], status [...] (int32).
+struct EmdOutputs {
+  at::Tensor value, plan, u, v, status;
+  EmdOutputs(const EmdArgs& args, const at::TensorOptions& opts)
+      : value(at::empty(args.batch, opts)),
+        plan(at::empty(emd_shape(args.batch, {args.M, args.N}), opts)),
+        u(at::empty(emd_shape(args.batch, {args.M}), opts)),
+        v(at::empty(emd_shape(args.batch, {args.N}), opts)),
+        status(at::empty(args.batch, opts.dtype(at::kInt))) {}
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> as_tuple() const {
+    return {value, plan, u, v, status};
+  }
+};
+
+// The solver core's view of one call (shared by the CPU and CUDA kernels): the inputs as `args`
+// describes them, the outputs, and where each problem's error code (and, on the CPU, its two
+// masses for the error message; nullptr on the GPU) goes.
+template <typename scalar_t>
+core::EmdBatch<scalar_t> emd_batch_view(const EmdArgs& args, const EmdOutputs& out, int32_t* error, double* sums,
+                                        int64_t max_iter) {
+  core::EmdBatch<scalar_t> bt;
+  bt.C = args.cost.data_ptr<scalar_t>();
+  bt.cb = args.cb; bt.c0 = args.c0; bt.c1 = args.c1;
+  bt.a = args.a.defined() ? args.a.data_ptr<scalar_t>() : nullptr;
+  bt.ab = args.ab; bt.a0 = args.a0;
+  bt.b = args.b.defined() ? args.b.data_ptr<scalar_t>() : nullptr;
+  bt.bb = args.bb; bt.b0 = args.b0;
+  bt.value = out.value.data_ptr<scalar_t>();
+  bt.plan = out.plan.data_ptr<scalar_t>();
+  bt.u = out.u.data_ptr<scalar_t>();
+  bt.v = out.v.data_ptr<scalar_t>();
+  bt.status = out.status.data_ptr<int32_t>();
+  bt.error = error;
+  bt.sums = sums;
+  bt.M = static_cast<int>(args.M);
+  bt.N = static_cast<int>(args.N);
+  bt.max_iter = max_iter;
+  return bt;
 }
 
 // Raises the ValueError for the first invalid problem (codes from core::emd_check). Defined

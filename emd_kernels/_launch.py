@@ -16,6 +16,15 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
+import triton.language as tl
+
+# torch dtype -> Triton element type of the kernels' constexpr dtype arguments
+TL_DTYPE = {
+    torch.float32: tl.float32,
+    torch.float64: tl.float64,
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+}
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -64,7 +64,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from ._launch import launches_on_input_device, upload
+from ._launch import TL_DTYPE, launches_on_input_device, upload
 
 __all__ = ["attention_costs_fwd", "attention_costs_bwd", "block_sizes"]
 
@@ -74,12 +74,6 @@ __all__ = ["attention_costs_fwd", "attention_costs_bwd", "block_sizes"]
 # layer's costs and gradients are independent of the others', so the split is exact.
 MAX_X_LAYERS: int | None = None
 
-_TL_DTYPE = {
-    torch.float32: tl.float32,
-    torch.float64: tl.float64,
-    torch.float16: tl.float16,
-    torch.bfloat16: tl.bfloat16,
-}
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -552,7 +546,7 @@ def _dot_dtype(dtype: torch.dtype, device: torch.device):
     to float32 first, which gives the same products (bf16 x bf16 is exact in fp32) and fp32 sums."""
     if dtype == torch.bfloat16 and device.type == "cpu":
         return tl.float32
-    return _TL_DTYPE[dtype]
+    return TL_DTYPE[dtype]
 
 
 def _box(box: torch.Tensor | None, B: int, L: int, device: torch.device) -> torch.Tensor:
@@ -647,8 +641,8 @@ def _fwd_launch(sq, sk, tq, tk, attention_mask, mask, mask_value, probs, attenti
             tab, am, tm, bx, part, lse if probs else part,
             M, N, H, L, DS, DT, BH, *_side_args(sq, sk), *_side_args(tq, tk),
             MX_PAD=m_pad, NY_PAD=n_pad, BQ=bq, BK=bk, DX_PAD=ds_pad, DY_PAD=dt_pad,
-            X_DTYPE=_TL_DTYPE[sq[0].dtype], Y_DTYPE=_TL_DTYPE[tq[0].dtype],
-            X_DOT=_dot_dtype(sq[0].dtype, device), Y_DOT=_dot_dtype(tq[0].dtype, device), ACC=_TL_DTYPE[acc],
+            X_DTYPE=TL_DTYPE[sq[0].dtype], Y_DTYPE=TL_DTYPE[tq[0].dtype],
+            X_DOT=_dot_dtype(sq[0].dtype, device), Y_DOT=_dot_dtype(tq[0].dtype, device), ACC=TL_DTYPE[acc],
             PREC=_PREC, PROBS=probs, HAS_AM=attention_mask is not None,
             HAS_TM=mask is not None, HAS_FLOOR=attention_floor is not None, num_warps=warps,
         )
@@ -707,8 +701,8 @@ def _bwd_launch(
     tm = _float_mask(mask, c)
     common = dict(
         MX_PAD=m_pad, BQ=bq, BK=bk, DX_PAD=dx_pad, DY_PAD=dy_pad,
-        X_DTYPE=_TL_DTYPE[xq[0].dtype], Y_DTYPE=_TL_DTYPE[yq[0].dtype],
-        X_DOT=_dot_dtype(xq[0].dtype, device), Y_DOT=_dot_dtype(yq[0].dtype, device), ACC=_TL_DTYPE[acc],
+        X_DTYPE=TL_DTYPE[xq[0].dtype], Y_DTYPE=TL_DTYPE[yq[0].dtype],
+        X_DOT=_dot_dtype(xq[0].dtype, device), Y_DOT=_dot_dtype(yq[0].dtype, device), ACC=TL_DTYPE[acc],
         PREC=_PREC, PROBS=probs, HAS_AM=attention_mask is not None,
         HAS_TM=mask is not None, HAS_FLOOR=attention_floor is not None, num_warps=warps,
     )

@@ -38,16 +38,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import launches_on_input_device, upload
+from ._launch import TL_DTYPE, launches_on_input_device, upload
 
 __all__ = ["geometry", "layer_costs_fwd", "layer_costs_bwd", "Geometry"]
 
-_TL_DTYPE = {
-    torch.float32: tl.float32,
-    torch.float64: tl.float64,
-    torch.float16: tl.float16,
-    torch.bfloat16: tl.bfloat16,
-}
 
 
 # ------------------------------------------------------------------------------------ kernels
@@ -356,7 +350,7 @@ def _constexprs(g: Geometry, acc: torch.dtype, attention_floor: float | None, m_
                 block: int, aligned: bool) -> dict:
     return dict(
         M_PAD=m_pad, N_PAD=n_pad, BLOCK=block,
-        S_DTYPE=_TL_DTYPE[g.student[0].dtype], T_DTYPE=_TL_DTYPE[g.teacher[0].dtype], ACC=_TL_DTYPE[acc],
+        S_DTYPE=TL_DTYPE[g.student[0].dtype], T_DTYPE=TL_DTYPE[g.teacher[0].dtype], ACC=TL_DTYPE[acc],
         S_CONTIG=g.contig(g.s_st), T_CONTIG=g.contig(g.t_st),
         MASK_Q=g.mask_q, MASK_K=g.mask_k, HAS_FLOOR=attention_floor is not None, ALIGNED=aligned,
     )
@@ -416,7 +410,7 @@ def layer_costs_fwd(
         _layer_costs_reduce_kernel[(B_out, M * N)](
             part, out, cnt, n_all, max(rows, 1), rows_per_out, M, N,
             N_PAD=n_pad, RB=min(1024, triton.next_power_of_2(rows_per_out)),
-            ACC=_TL_DTYPE[acc], HAS_CNT=mask is not None, num_warps=4,
+            ACC=TL_DTYPE[acc], HAS_CNT=mask is not None, num_warps=4,
         )
     return out if per_sample else out[0]
 

@@ -45,34 +45,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> emd_exact
   TORCH_CHECK_VALUE(max_iter >= 0, "emd: max_iter must be >= 0, got ", max_iter);
   EmdArgs args = emd_prepare(cost_in, a_in, b_in);
   const int64_t B = args.B, M = args.M, N = args.N;
-  auto opts = cost_in.options();
-  at::Tensor value = at::empty(args.batch, opts);
-  at::Tensor plan = at::empty(emd_shape(args.batch, {M, N}), opts);
-  at::Tensor u = at::empty(emd_shape(args.batch, {M}), opts);
-  at::Tensor v = at::empty(emd_shape(args.batch, {N}), opts);
-  at::Tensor status = at::empty(args.batch, opts.dtype(at::kInt));
+  EmdOutputs out(args, cost_in.options());
   std::vector<int32_t> error(static_cast<size_t>(B), 0);
   std::vector<double> sums(static_cast<size_t>(2 * B), 0.0);
 
   if (B > 0) {
     AT_DISPATCH_FLOATING_TYPES(cost_in.scalar_type(), "emd_exact_cpu", [&] {
-      core::EmdBatch<scalar_t> bt;
-      bt.C = args.cost.data_ptr<scalar_t>();
-      bt.cb = args.cb; bt.c0 = args.c0; bt.c1 = args.c1;
-      bt.a = args.a.defined() ? args.a.data_ptr<scalar_t>() : nullptr;
-      bt.ab = args.ab; bt.a0 = args.a0;
-      bt.b = args.b.defined() ? args.b.data_ptr<scalar_t>() : nullptr;
-      bt.bb = args.bb; bt.b0 = args.b0;
-      bt.value = value.data_ptr<scalar_t>();
-      bt.plan = plan.data_ptr<scalar_t>();
-      bt.u = u.data_ptr<scalar_t>();
-      bt.v = v.data_ptr<scalar_t>();
-      bt.status = status.data_ptr<int32_t>();
-      bt.error = error.data();
-      bt.sums = sums.data();
-      bt.M = static_cast<int>(M);
-      bt.N = static_cast<int>(N);
-      bt.max_iter = max_iter;
+      const core::EmdBatch<scalar_t> bt =
+          emd_batch_view<scalar_t>(args, out, error.data(), sums.data(), max_iter);
       const size_t ws_bytes = core::emd_workspace_bytes(bt.M, bt.N);
       // grain: enough problems per task that scheduling costs little next to ~1 us per solve
       const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, M * N));
@@ -86,7 +66,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> emd_exact
         if (error[t] != 0) emd_raise_invalid(t, error[t], sums[2 * t], sums[2 * t + 1], B);
     }
   }
-  return {value, plan, u, v, status};
+  return out.as_tuple();
 }
 
 TORCH_LIBRARY_IMPL(bert_emd, CPU, m) { m.impl("emd_exact", &emd_exact_cpu); }

@@ -23,8 +23,6 @@
 
 namespace bert_emd {
 
-using EmdOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
 template <typename T>
 __global__ void emd_exact_kernel(core::EmdBatch<T> bt, int64_t B, char* ws, size_t ws_stride) {
   const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -32,8 +30,9 @@ __global__ void emd_exact_kernel(core::EmdBatch<T> bt, int64_t B, char* ws, size
   core::emd_batch_solve_one(bt, t, ws + t * ws_stride);
 }
 
-EmdOutputs emd_exact_cuda(const at::Tensor& cost_in, const c10::optional<at::Tensor>& a_in,
-                          const c10::optional<at::Tensor>& b_in, int64_t max_iter, bool validate) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> emd_exact_cuda(
+    const at::Tensor& cost_in, const c10::optional<at::Tensor>& a_in, const c10::optional<at::Tensor>& b_in,
+    int64_t max_iter, bool validate) {
   TORCH_CHECK_VALUE(cost_in.is_cuda(), "emd (cuda backend): cost must be a CUDA tensor, got ", cost_in.device());
   TORCH_CHECK_VALUE(max_iter >= 0, "emd: max_iter must be >= 0, got ", max_iter);
   const c10::cuda::CUDAGuard guard(cost_in.device());
@@ -44,34 +43,15 @@ EmdOutputs emd_exact_cuda(const at::Tensor& cost_in, const c10::optional<at::Ten
                     " exceed the CUDA kernel's capacity (M + N <= ", BERT_EMD_CUDA_MAX_NODES,
                     "); solve them on the CPU (bert_emd.emd does this automatically)");
   auto opts = cost_in.options();
-  at::Tensor value = at::empty(args.batch, opts);
-  at::Tensor plan = at::empty(emd_shape(args.batch, {M, N}), opts);
-  at::Tensor u = at::empty(emd_shape(args.batch, {M}), opts);
-  at::Tensor v = at::empty(emd_shape(args.batch, {N}), opts);
-  at::Tensor status = at::empty(args.batch, opts.dtype(at::kInt));
+  EmdOutputs out(args, opts);
   at::Tensor error = at::empty({B}, opts.dtype(at::kInt));
   if (B > 0) {
     const size_t ws_stride = (core::emd_workspace_bytes(int(M), int(N)) + 15) & ~size_t(15);
     at::Tensor ws = at::empty({int64_t(ws_stride) * B}, opts.dtype(at::kByte));
     auto stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES(cost_in.scalar_type(), "emd_exact_cuda", [&] {
-      core::EmdBatch<scalar_t> bt;
-      bt.C = args.cost.data_ptr<scalar_t>();
-      bt.cb = args.cb; bt.c0 = args.c0; bt.c1 = args.c1;
-      bt.a = args.a.defined() ? args.a.data_ptr<scalar_t>() : nullptr;
-      bt.ab = args.ab; bt.a0 = args.a0;
-      bt.b = args.b.defined() ? args.b.data_ptr<scalar_t>() : nullptr;
-      bt.bb = args.bb; bt.b0 = args.b0;
-      bt.value = value.data_ptr<scalar_t>();
-      bt.plan = plan.data_ptr<scalar_t>();
-      bt.u = u.data_ptr<scalar_t>();
-      bt.v = v.data_ptr<scalar_t>();
-      bt.status = status.data_ptr<int32_t>();
-      bt.error = error.data_ptr<int32_t>();
-      bt.sums = nullptr;
-      bt.M = int(M);
-      bt.N = int(N);
-      bt.max_iter = max_iter;
+      const core::EmdBatch<scalar_t> bt =
+          emd_batch_view<scalar_t>(args, out, error.data_ptr<int32_t>(), nullptr, max_iter);
       const int threads = 64;
       const int64_t blocks = (B + threads - 1) / threads;
       emd_exact_kernel<scalar_t><<<blocks, threads, 0, stream.stream()>>>(
@@ -83,7 +63,7 @@ EmdOutputs emd_exact_cuda(const at::Tensor& cost_in, const c10::optional<at::Ten
     // status, shared with the max_iter check), so nothing here synchronises with the device.
     (void)validate;
   }
-  return {value, plan, u, v, status};
+  return out.as_tuple();
 }
 
 TORCH_LIBRARY_IMPL(bert_emd, CUDA, m) { m.impl("emd_exact", &emd_exact_cuda); }

@@ -147,23 +147,17 @@ def task_metrics(task: str | None, preds: Any, labels: Any, *, is_regression: bo
         is_regression = key == "sts-b"
     out: dict[str, float] = {}
     for name in _names(task, is_regression):
-        if name == "acc":
-            out[name] = accuracy(preds, labels)
-        elif name == "f1":
-            out[name] = binary_f1(preds, labels)
-        elif name == "macro_f1":
-            out[name] = macro_f1(preds, labels)
-        elif name == "mcc":
-            out[name] = matthews(preds, labels)
-        elif name == "pearson":
-            out[name] = pearson(preds, labels)
-        elif name == "spearmanr":
-            out[name] = spearman(preds, labels)
-        elif name == "acc_and_f1":
-            out[name] = (out["acc"] + out["f1"]) / 2.0
-        elif name == "corr":
-            out[name] = (out["pearson"] + out["spearmanr"]) / 2.0
+        if name in _AVERAGES:  # listed after the two metrics they average
+            first, second = _AVERAGES[name]
+            out[name] = (out[first] + out[second]) / 2.0
+        else:
+            out[name] = _METRICS[name](preds, labels)
     return out
+
+
+_METRICS = {"acc": accuracy, "f1": binary_f1, "macro_f1": macro_f1, "mcc": matthews, "pearson": pearson,
+            "spearmanr": spearman}
+_AVERAGES = {"acc_and_f1": ("acc", "f1"), "corr": ("pearson", "spearmanr")}
 
 
 def logits_to_predictions(logits: Any, is_regression: bool) -> np.ndarray:

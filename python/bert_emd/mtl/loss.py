@@ -161,7 +161,7 @@ class MultiTaskEMDLoss(EMDTerms):
                     raise ValueError(f"tasks of teacher group {key!r} have different teacher hidden sizes")
                 continue
             # with sync_projection_grads, averaged over the ranks in backward: the projections live
-            # outside the student's DDP wrapper (tests/test_mtl_ddp.py)
+            # outside the student's DDP wrapper (tests/mtl/test_mtl_ddp.py)
             self.projections[key] = make_projection(student_hidden_size, d_t, sync_grads=cfg.sync_projection_grads)
         self.last: dict[str, dict[str, Tensor]] = {}
         self.emd_calls = 0

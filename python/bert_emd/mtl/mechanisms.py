@@ -1,4 +1,4 @@
-"""Building blocks of the five multi-task mechanisms (DESIGN.md section 3).
+"""Building blocks of the five multi-task mechanisms (docs/multitask.md describes each).
 
 - :func:`grad_reverse` / :class:`GradientReversal` -- identity forward, gradient times -scale
   backward (adversarial training of the shared features).

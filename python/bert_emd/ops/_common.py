@@ -71,13 +71,26 @@ def grad_flags(flag, n: int) -> list[bool]:
 # Device tensors are reshaped with methods (unsqueeze, view), not Python indexing, in the code the
 # ops run on accelerators, and negated with ``logical_not``, not ``~``: ``t[..., None]`` and ``~t``
 # set a device guard in torch's Python bindings, which a CPU-only torch lacks for CUDA, so
-# tests/test_no_host_sync.py could not walk them on fake CUDA tensors.
+# tests/ops/test_no_host_sync.py could not walk them on fake CUDA tensors.
 
 # --------------------------------------------------------------------- transport autograd rule
 # Envelope theorem: the optimal plan and duals are constants of the backward,
 #   d value / d cost = plan,   d value / d a = u - mean(u),   d value / d b = v - mean(v)
 # (centred duals: the gradient w.r.t. the weights is tangent to the simplex). Every transport op
 # takes (cost, a, b, *options) and returns (value, plan, u, v, status).
+def transport_fake(cost: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Outputs of a transport op (``emd_exact``, ``sinkhorn``) on ``cost`` [..., M, N], shapes only:
+    value [...], plan [..., M, N], duals [..., M] and [..., N], status [...] int32."""
+    batch, (M, N) = cost.shape[:-2], cost.shape[-2:]
+    return (
+        cost.new_empty(batch),
+        cost.new_empty((*batch, M, N)),
+        cost.new_empty((*batch, M)),
+        cost.new_empty((*batch, N)),
+        cost.new_empty(batch, dtype=torch.int32),
+    )
+
+
 def transport_setup_context(ctx, inputs, output) -> None:
     """``setup_context`` of every transport op: saves plan, u, v; only value is differentiable."""
     a, b = inputs[1], inputs[2]

@@ -26,6 +26,7 @@ import torch
 
 from .. import _backends, _ext
 from ..reference.emd import emd_exact_reference
+from . import _common
 from ._common import EagerTransport, call_below_autograd, eager, transport_grads, transport_setup_context
 from ._validate import check_emd_inputs
 
@@ -74,14 +75,7 @@ def default_max_iter(M: int, N: int) -> int:
 
 # ----------------------------------------------------------------------------- registration
 def _fake(cost, a, b, max_iter, validate):
-    batch, (M, N) = cost.shape[:-2], cost.shape[-2:]
-    return (
-        cost.new_empty(batch),
-        cost.new_empty((*batch, M, N)),
-        cost.new_empty((*batch, M)),
-        cost.new_empty((*batch, N)),
-        cost.new_empty(batch, dtype=torch.int32),
-    )
+    return _common.transport_fake(cost)
 
 
 def _backward(ctx, g_value, *unused):

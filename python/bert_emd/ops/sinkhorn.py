@@ -36,6 +36,7 @@ import torch
 
 from .. import _backends, _ext
 from ..reference.sinkhorn import sinkhorn_reference
+from . import _common
 from ._common import EagerTransport, call_below_autograd, eager, transport_grads, transport_setup_context
 from ._validate import check_emd_inputs, check_sinkhorn_args
 
@@ -48,14 +49,7 @@ _Out = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tenso
 
 
 def _fake(cost, a, b, reg, max_iter, tol):
-    batch, (M, N) = cost.shape[:-2], cost.shape[-2:]
-    return (
-        cost.new_empty(batch),
-        cost.new_empty((*batch, M, N)),
-        cost.new_empty((*batch, M)),
-        cost.new_empty((*batch, N)),
-        cost.new_empty(batch, dtype=torch.int32),
-    )
+    return _common.transport_fake(cost)
 
 
 def _backward(ctx, g_value, *unused):
