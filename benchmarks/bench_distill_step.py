@@ -9,6 +9,10 @@ the same harness (``bert_emd.nn.BertEMDLoss``):
 - ``skip``: TinyBERT's fixed skip mapping (same terms, ``mapping="skip"``);
 - ``pred``: prediction-layer distillation only.
 
+``--compile [BACKEND]`` adds each loss's step with its forward (both models and the loss)
+``torch.compile``d in one graph (``fullgraph=True``; rows ``emd compiled``, ...): with ``aot_eager``
+the same kernels, so the difference is the host's dispatch; with ``inductor`` fused kernels too.
+
 Target: the ``emd`` step within 10% of the ``skip`` step. Before timing, the EMD hidden term is
 checked against the original's per-pair MSE loop and the plan against its marginals.
 
@@ -112,7 +116,41 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def bench_config(name: str, batch: int, seq: int, repeats: int, warmup: int, device: str) -> list[dict]:
+def _compiled_steps(student, teacher, batch, backend: str) -> dict:
+    """Per loss, a step whose forward (both models and the loss) is ``torch.compile``d with
+    ``fullgraph=True`` on its own copy of the models (hooks stay attached: no recompiles); the
+    backward runs AOTAutograd's compiled graph. Each is compiled here, before any timing."""
+    import copy
+
+    ids, mask, y = batch
+    steps = {}
+    for kind in LOSSES:
+        s, t = copy.deepcopy(student), copy.deepcopy(teacher)
+        loss_fn = _loss(kind, s, t).to(ids.device)
+        need_h = kind != "pred"
+        with torch.no_grad():  # transformers installs its output hooks on the first forward
+            s(input_ids=ids, attention_mask=mask, output_hidden_states=need_h)
+            t(input_ids=ids, attention_mask=mask, output_hidden_states=need_h)
+
+        def forward(s=s, t=t, loss_fn=loss_fn, need_h=need_h):
+            so = s(input_ids=ids, attention_mask=mask, output_hidden_states=need_h)
+            with torch.no_grad():
+                to = t(input_ids=ids, attention_mask=mask, output_hidden_states=need_h)
+            return loss_fn(so, to, labels=y, attention_mask=mask)[0]
+
+        fwd = torch.compile(forward, backend=backend, fullgraph=True)
+
+        def step(s=s, fwd=fwd):
+            s.zero_grad(set_to_none=True)
+            fwd().backward()
+
+        step()  # compile
+        steps[kind] = step
+    return steps
+
+
+def bench_config(name: str, batch: int, seq: int, repeats: int, warmup: int, device: str,
+                 compile_backend: str | None = None) -> list[dict]:
     (sl, sd, sh, sf), (tl, td, th, tf) = CONFIGS[name]
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 1000, (batch, seq), generator=g).to(device)
@@ -148,18 +186,29 @@ def bench_config(name: str, batch: int, seq: int, repeats: int, warmup: int, dev
         losses[kind].detach_models()
         return dt
 
-    for kind in LOSSES:
+    compiled = _compiled_steps(student, teacher, (ids, mask, y), compile_backend) if compile_backend else {}
+
+    def timed_compiled(kind: str) -> float:
+        t0 = time.perf_counter()
+        compiled[kind]()
+        _sync(device)
+        return time.perf_counter() - t0
+
+    names = [*LOSSES, *(f"{k} compiled" for k in compiled)]
+    run = {**{k: lambda k=k: timed(k) for k in LOSSES},
+           **{f"{k} compiled": lambda k=k: timed_compiled(k) for k in compiled}}
+    for kind in names:
         for _ in range(warmup):
-            timed(kind)
+            run[kind]()
     # Interleave the losses round by round so that load from other processes hits all alike.
-    samples: dict[str, list[float]] = {k: [] for k in LOSSES}
+    samples: dict[str, list[float]] = {k: [] for k in names}
     for _ in range(repeats):
-        for kind in LOSSES:
-            samples[kind].append(timed(kind))
+        for kind in names:
+            samples[kind].append(run[kind]())
 
     med = {k: statistics.median(v) for k, v in samples.items()}
     rows = []
-    for kind in LOSSES:
+    for kind in names:
         rows.append(
             {
                 "config": name,
@@ -173,6 +222,7 @@ def bench_config(name: str, batch: int, seq: int, repeats: int, warmup: int, dev
                 "vs_skip": med[kind] / med["skip"],
                 "vs_skip_min": min(samples[kind]) / min(samples["skip"]),
                 "repeats": repeats,
+                "compile": compile_backend if kind.endswith("compiled") else "",
             }
         )
     return rows
@@ -307,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=None, help="timed steps per loss (default 9, quick 5)")
     p.add_argument("--no-csv", action="store_true", help="do not append to benchmarks/results")
     p.add_argument("--out-dir", default=None, help="CSV folder (default benchmarks/results)")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="also time each loss's step with its forward torch.compile'd (fullgraph; default "
+                        "backend inductor; 'aot_eager' isolates the host-side effect of capture)")
     p.add_argument("--attention-paths", action="store_true",
                    help="time the EMD step with attention costs from maps against fused_attention")
     p.add_argument("--sources", default="probs,scores", help="with --attention-paths: probs, scores or both")
@@ -343,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
             batch = args.batch or (4 if args.quick else 8)
             seq = args.seq or (32 if args.quick else 64)
             reps = repeats
-        rows += bench_config(name, batch, seq, reps, warmup, args.device)
+        rows += bench_config(name, batch, seq, reps, warmup, args.device, args.compile)
 
     print(f"# {prov['machine']} | torch {prov['torch']} | transformers {prov['transformers']}", end="")
     print(f" | commit {prov['commit']} | {prov['date']} | load {prov['load1']}")
