@@ -13,6 +13,8 @@ TORCH_SPEC ?= torch==2.13.0
 CUDA_VENV  ?= .venv-cuda
 CUDA_TORCH ?= torch==2.14.1
 MAX_JOBS   ?= 2
+# pytest workers (pytest-xdist, one test file per worker: pyproject.toml)
+PYTEST_WORKERS ?= 2
 export MAX_JOBS
 export HF_HUB_OFFLINE := 1
 
@@ -59,7 +61,7 @@ cpptest: $(STAMP)
 	ctest --test-dir build-cmake --output-on-failure
 
 pytest: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS)
 
 # The GPU user's install (CUDA 13.0 torch 2.14.1, sm_80 + sm_90), proven without a GPU. It
 # installs a ~5 GB torch into $(CUDA_VENV), so it runs in CI (CI=true) or on request

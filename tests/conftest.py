@@ -19,6 +19,14 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def pytest_configure(config):
+    # pytest-xdist workers (pyproject's addopts start 2): an equal share of the cores each, so that
+    # intra-op threads do not oversubscribe the machine
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))
+
+
 def pytest_collection_modifyitems(config, items):
     if not any("cuda" in item.keywords for item in items):
         return

@@ -32,7 +32,10 @@ pytest.importorskip("triton")
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(not _INTERPRET, reason="the cpu param needs TRITON_INTERPRET=1")),
+    # the interpreter's run of the GPU tests checks the tests themselves (the ops' interpreter paths
+    # are tested in tests/ops): slow
+    pytest.param("cpu", marks=[pytest.mark.skipif(not _INTERPRET, reason="the cpu param needs TRITON_INTERPRET=1"),
+                               pytest.mark.slow]),
     pytest.param("cuda", marks=pytest.mark.cuda),  # skipped by conftest.py without a GPU
 ]
 
