@@ -130,27 +130,32 @@ def _run(site: Path, code: str, env: dict[str, str]) -> subprocess.CompletedProc
                           cwd=site, timeout=300)
 
 
-def test_without_a_compiler_the_python_backends_serve_with_one_warning(tmp_path):
-    site = _pure_install(tmp_path)
-    env = {"CXX": str(tmp_path / "no-such-compiler"), "BERT_EMD_CACHE": str(tmp_path / "cache")}
+def _solves_with_one_warning(site: Path, env: dict[str, str], calls: int, words: str) -> None:
+    """In a fresh process on ``site``: ``calls`` solves of a 2x2 problem give the right value and
+    exactly one warning, which contains ``words``; the kernels stay unloaded."""
     code = textwrap.dedent(f"""
         import warnings
-        warnings.simplefilter("always")
         import torch, bert_emd
         from bert_emd import _ext
         assert bert_emd.__file__.startswith({str(site)!r}), bert_emd.__file__
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            for _ in range(3):
+            for _ in range({calls}):
                 r = bert_emd.emd(torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
         assert abs(float(r.cost)) < 1e-12
         msgs = [str(w.message) for w in caught]
-        assert len(msgs) == 1 and "no C++ compiler" in msgs[0], msgs
+        assert len(msgs) == 1 and {words!r} in msgs[0], msgs
         assert not _ext.has_extension()
         print("ok")
     """)
     out = _run(site, code, env)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+def test_without_a_compiler_the_python_backends_serve_with_one_warning(tmp_path):
+    site = _pure_install(tmp_path)
+    env = {"CXX": str(tmp_path / "no-such-compiler"), "BERT_EMD_CACHE": str(tmp_path / "cache")}
+    _solves_with_one_warning(site, env, 3, "no C++ compiler")
     info = _run(site, "from bert_emd.cli import main; main(['info'])", env)
     assert info.returncode == 0, info.stderr
     assert "no C++ compiler was found" in info.stdout and "bert-emd build" in info.stdout
@@ -162,20 +167,7 @@ def test_without_the_sources_the_python_backends_serve_with_one_warning(tmp_path
     naming that, never an exception from the first-use build."""
     site = _pure_install(tmp_path)
     shutil.rmtree(site / "bert_emd" / "_csrc")
-    code = textwrap.dedent("""
-        import warnings
-        import torch, bert_emd
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            for _ in range(2):
-                r = bert_emd.emd(torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
-        assert abs(float(r.cost)) < 1e-12
-        msgs = [str(w.message) for w in caught]
-        assert len(msgs) == 1 and "sources" in msgs[0], msgs
-        print("ok")
-    """)
-    out = _run(site, code, {"BERT_EMD_CACHE": str(tmp_path / "cache")})
-    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+    _solves_with_one_warning(site, {"BERT_EMD_CACHE": str(tmp_path / "cache")}, 2, "sources")
 
 
 def test_a_build_for_another_torch_is_not_loaded(tmp_path):
