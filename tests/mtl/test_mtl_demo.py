@@ -4,48 +4,21 @@ articles): the splits, the runs, the table and the layer-weight plot."""
 import argparse
 import csv
 import json
-import random
 
+import helpers
 import pytest
-import torch
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("datasets")
 
 from bert_emd.mtl.demo import BBC_TOPICS, prepare_bbc, results_table, run_mtl_demo  # noqa: E402
 
-WORDS = ["good", "bad", "ok", "market", "film", "vote", "goal", "chip", "the", "a", "is", "new"]
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mtl_demo")
-    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS])}
-    tok = transformers.BertTokenizerFast(vocab=vocab)
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
-                                  intermediate_size=32, max_position_embeddings=64)
-    enc = root / "encoder"
-    transformers.BertModel(cfg).save_pretrained(enc)
-    tok.save_pretrained(enc)
-    rnd = random.Random(0)
-    tweets = root / "tweets.csv"
-    with open(tweets, "w", encoding="latin-1", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["sentiment", "confidence", "text"])
-        for _ in range(80):
-            s = rnd.choice(["negative", "neutral", "positive"])
-            w.writerow([s, "0.9", " ".join(rnd.choice(WORDS) for _ in range(5))])
-    bbc = root / "bbc"
-    for k, topic in enumerate(BBC_TOPICS):
-        (bbc / topic).mkdir(parents=True)
-        for i in range(12):
-            body = " ".join(WORDS[3 + k] for _ in range(6))
-            (bbc / topic / f"{i:03d}.txt").write_text(f"{WORDS[3 + k]} title\n\n{body}")
-    return {"root": root, "encoder": enc, "tweets": tweets, "bbc": bbc}
+    return helpers.build_mtl_demo_stand_ins(tmp_path_factory.mktemp("mtl_demo"))
 
 
 def test_prepare_bbc_split(inputs, tmp_path):

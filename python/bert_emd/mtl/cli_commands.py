@@ -1,10 +1,12 @@
-"""``bert-emd mtl {train, evaluate, demo}``: multi-task training (and multi-task distillation)
-from a YAML configuration, evaluation of a saved multi-task model, and the multi-task demo.
+"""``bert-emd mtl {train, evaluate, demo, study}``: multi-task training (and multi-task distillation)
+from a YAML configuration, evaluation of a saved multi-task model, the multi-task demo, and the
+multi-task study (every mechanism against fair single-task baselines, with seeds and intervals).
 
     bert-emd mtl train --config tasks.yaml [--output-dir DIR] [--max-steps N] [--fused-attention]
                        [TrainingArguments ...]
     bert-emd mtl evaluate --model DIR [--config tasks.yaml] [--split validation] [--output metrics.json]
     bert-emd mtl demo [--quick] [--output-dir DIR]
+    bert-emd mtl study [--quick] [--output-dir DIR] [--resume] [--seeds N] [--rows ROWS] [--dev-only]
 
 Wire into the ``bert-emd`` parser with :func:`add_subcommands` and run with :func:`dispatch`.
 """
@@ -27,10 +29,10 @@ __all__ = ["add_subcommands", "dispatch", "evaluate_model", "format_table", "mai
 
 # ----------------------------------------------------------------------------- parser
 def add_subcommands(sub: Any) -> None:
-    """Add ``mtl`` (with ``train``, ``evaluate``, ``demo``) to the ``bert-emd`` subparsers."""
+    """Add ``mtl`` (with ``train``, ``evaluate``, ``demo``, ``study``) to the ``bert-emd`` subparsers."""
     fmt = argparse.RawDescriptionHelpFormatter
     mtl = sub.add_parser("mtl", allow_abbrev=False, formatter_class=fmt, description=__doc__,
-                         help="multi-task learning: train / evaluate from a YAML task file, demo")
+                         help="multi-task learning: train / evaluate from a YAML task file, demo, study")
     msub = mtl.add_subparsers(dest="mtl_command", required=True)
     p = msub.add_parser("train", allow_abbrev=False, help="train a multi-task model (or distil) from a YAML config",
                         description="Extra --flags are passed to transformers.TrainingArguments "
@@ -64,6 +66,14 @@ def add_subcommands(sub: Any) -> None:
     from .demo import add_mtl_demo_args
 
     add_mtl_demo_args(p)
+    p = msub.add_parser("study", allow_abbrev=False, formatter_class=fmt,
+                        help="every mechanism against single-task baselines: seeds, intervals, diagnostics (offline)",
+                        description="Multi-task study on the demo's tasks (tweets + BBC News, MiniLM): each "
+                        "mechanism, hybrids and samplers against single-task training with the same batches and "
+                        "with the same encoder updates; paired bootstrap intervals. See docs/mtl-study.md.")
+    from .study import add_study_args
+
+    add_study_args(p)
 
 
 def dispatch(args: argparse.Namespace, rest: list[str]) -> int:
@@ -73,7 +83,7 @@ def dispatch(args: argparse.Namespace, rest: list[str]) -> int:
     cmd = args.mtl_command
     if cmd != "train" and rest:
         raise UsageError(f"unrecognized arguments: {' '.join(rest)}")
-    if cmd in ("train", "evaluate"):  # (the demo checks its own)
+    if cmd in ("train", "evaluate"):  # (the demo and the study check their own)
         require_hf((*HF_MODULES, "yaml"))
     if cmd == "train":
         cfg = load_config(args.config)
@@ -103,6 +113,11 @@ def dispatch(args: argparse.Namespace, rest: list[str]) -> int:
         from .demo import run_mtl_demo
 
         run_mtl_demo(args)
+        return 0
+    if cmd == "study":
+        from .study import run_study
+
+        run_study(args)
         return 0
     raise UsageError(f"unknown mtl command {cmd!r}")
 
@@ -303,7 +318,8 @@ def train_from_config(
     if args.warmup_steps == 0:  # no --warmup_steps flag: training.warmup_ratio of the run's steps
         args.warmup_steps = int(tr.warmup_ratio * total_steps)
     common = dict(train_sets=train_sets, eval_sets=eval_sets, sampler=sampler, tasks_per_step=tr.tasks_per_step,
-                  pad_token_id=tokenizer.pad_token_id or 0, processing_class=tokenizer, mixture_lr=tr.mixture_lr)
+                  pad_token_id=tokenizer.pad_token_id or 0, processing_class=tokenizer, mixture_lr=tr.mixture_lr,
+                  label_embedding_lr=tr.label_embedding_lr)
     loss = None
     if cfg.distillation.enabled:
         from .loss import MultiTaskEMDLoss

@@ -466,7 +466,9 @@ class TrainingOptions:
     on task batches of N * batch_size examples); ``tasks_per_step`` task batches make a step;
     ``mixture_lr`` is the learning rate of the hierarchy mechanism's layer-mixture logits and
     scale (None: ``lr``; at fine-tuning rates like 5e-5 a softmax over layers barely moves);
-    ``limit_train`` / ``limit_eval`` keep the first rows of each task (quick runs).
+    ``label_embedding_lr`` is the learning rate of the shared label-embedding matrix (the
+    ``label_embedding`` mechanism; None: ``lr``); ``limit_train`` / ``limit_eval`` keep the first
+    rows of each task (quick runs).
     """
 
     output_dir: str = "runs/mtl"
@@ -487,6 +489,7 @@ class TrainingOptions:
     limit_eval: int | None = None
     use_cpu: bool = False
     mixture_lr: float | None = 1e-2
+    label_embedding_lr: float | None = None
 
     def __post_init__(self) -> None:
         self.output_dir = require_str(self.output_dir, "training.output_dir")
@@ -498,7 +501,8 @@ class TrainingOptions:
         require_int(self.seed, "training.seed", lo=0, hi=2**32 - 1)  # numpy's seed range
         for name in ("epochs", "lr"):
             require_number(getattr(self, name), f"training.{name}", lo=0, lo_open=True)
-        require_number(self.mixture_lr, "training.mixture_lr", lo=0, lo_open=True, optional=True)
+        for name in ("mixture_lr", "label_embedding_lr"):
+            require_number(getattr(self, name), f"training.{name}", lo=0, lo_open=True, optional=True)
         require_number(self.weight_decay, "training.weight_decay", lo=0)
         require_number(self.warmup_ratio, "training.warmup_ratio", lo=0, hi=1, hi_open=True)
         for name in ("eval_strategy", "save_strategy"):

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,11 @@ class MultiTaskOutput:
         aux: the weighted auxiliary terms by name (``orthogonality``, ``adversarial``), detached.
         hidden_states: the encoder's M + 1 hidden states [B, L, d] (for distillation).
         attentions: the encoder's M attention maps [B, H, L, L] when requested, else None.
+        diagnostics: detached [] values that show what the batch's mechanisms do, never part of
+            the loss: ``orthogonality_norm`` (||S^T P||_F of the processed sentence vectors,
+            ``private``), ``discriminator_acc`` (share of the batch whose task the discriminator
+            names, ``adversarial`` with a weight > 0), ``gate_mean`` (mean gate activation,
+            ``gate``).
     """
 
     task: str
@@ -78,6 +84,7 @@ class MultiTaskOutput:
     aux: dict[str, Tensor] = field(default_factory=dict)
     hidden_states: tuple[Tensor, ...] | None = None
     attentions: tuple[Tensor, ...] | None = None
+    diagnostics: dict[str, Tensor] = field(default_factory=dict)
 
     def __getitem__(self, key: str) -> Any:  # dict-style access, as Hugging Face outputs
         return getattr(self, key)
@@ -322,21 +329,30 @@ class MultiTaskModel(nn.Module):
         else:
             shared = hs[-1]
         aux: dict[str, Tensor] = {}
+        diagnostics: dict[str, Tensor] = {}
         private = self.private[name](hs[0], mask) if name in self.private else None
         pooled_shared = pool(shared, mask, mech.pooling)
-        if private is not None and mech.gamma > 0:
+        if private is not None:
             # Sentence vectors by the mean over real tokens, whatever the head pools: CLS vectors of
             # a fresh encoder are nearly equal across a batch, and row normalisation after centring
             # divides by that tiny spread (gradients ~ 1 / spread).
-            s_vec, p_vec = pool(shared, mask, "mean"), pool(private, mask, "mean")
-            aux["orthogonality"] = mech.gamma * orthogonality_loss(s_vec, p_vec)
+            # (gamma 0: no loss term, but the diagnostic still shows what the features do without it)
+            with nullcontext() if mech.gamma > 0 else torch.no_grad():
+                ortho = orthogonality_loss(pool(shared, mask, "mean"), pool(private, mask, "mean"))
+            if mech.gamma > 0:
+                aux["orthogonality"] = mech.gamma * ortho
+            diagnostics["orthogonality_norm"] = ortho.detach().sqrt()
         if self.discriminator is not None and mech.adversarial_weight > 0:
             d_logits = self.discriminator(pooled_shared)
             target = torch.full((d_logits.shape[0],), ti, dtype=torch.long, device=d_logits.device)
             aux["adversarial"] = mech.adversarial_weight * F.cross_entropy(d_logits.float(), target)
+            diagnostics["discriminator_acc"] = (d_logits.detach().argmax(-1) == target).float().mean()
         if name in self.gates:
             context = shared if private is None else torch.cat([shared, private], -1)
             shared = self.gates[name](shared, context)
+            last = self.gates[name].last_mean
+            if last is not None:
+                diagnostics["gate_mean"] = last
         feats = shared if private is None else torch.cat([shared, private], -1)
         if not spec.is_tagging:
             feats = pool(feats, mask, mech.pooling)
@@ -356,6 +372,7 @@ class MultiTaskModel(nn.Module):
             aux={k: v.detach() for k, v in aux.items()},
             hidden_states=hs,
             attentions=tuple(atts) if atts is not None and len(atts) else None,
+            diagnostics=diagnostics,
         )
 
     # ------------------------------------------------------------------ saving / loading

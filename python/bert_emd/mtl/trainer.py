@@ -13,8 +13,10 @@ What the multi-task trainers change, and nothing else:
   macro average of the tasks' headline metrics (``eval_macro_avg``); in distributed runs each rank
   scores a shard of every task's examples and the shards' logits are gathered to every rank;
 - logging adds each task's mean training loss since the last log (``loss_<task>``), the
-  auxiliary losses (both averaged over the processes, as the Trainer's ``loss``), and --
-  distilling -- each task's EMD layer weights;
+  auxiliary losses (both averaged over the processes, as the Trainer's ``loss``), the mechanisms'
+  diagnostics (``diag_<name>_<task>``: ||S^T P||, discriminator accuracy, gate activation; see
+  :class:`~bert_emd.mtl.model.MultiTaskOutput`), the layer-mixture weights, and -- distilling --
+  each task's EMD layer weights;
 - saving writes ``mtl_config.json`` and the encoder's config next to the weights, so that
   :meth:`MultiTaskModel.from_pretrained` loads the folder.
 
@@ -81,6 +83,8 @@ class _MultiTaskMixin:
         self.tasks_per_step = int(tasks_per_step)
         self._task_loss_sum: dict[str, Tensor] = {}
         self._task_loss_n: dict[str, int] = {}
+        self._diag_sum: dict[str, Tensor] = {}
+        self._diag_n: dict[str, int] = {}
         self.model_accepts_loss_kwargs = False
 
     @staticmethod
@@ -99,19 +103,43 @@ class _MultiTaskMixin:
         sets = [TaskDataset(ds, model.task_names.index(t)) for t, ds in (eval_sets or {}).items()]
         return ConcatDataset(sets) if sets else None
 
+    def _trainer_kwargs(self, model: MultiTaskModel, train_sets: dict[str, Any], eval_sets: dict[str, Any] | None,
+                        pad_token_id: int, mixture_lr: float | None, label_embedding_lr: float | None,
+                        kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Keep the per-module learning rates (read by :meth:`create_optimizer`) and return the
+        Trainer's keyword arguments with the concatenated data sets and the multi-task collator."""
+        self.mixture_lr = mixture_lr
+        self.label_embedding_lr = label_embedding_lr
+        kwargs = dict(kwargs)
+        kwargs.setdefault("eval_dataset", self.eval_concat(eval_sets, model))
+        return {**kwargs, "train_dataset": self.concat(train_sets, model),
+                "data_collator": MultiTaskCollator(list(model.specs.values()), pad_token_id)}
+
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """The Trainer's optimiser, with the layer-mixture parameters (hierarchy) in their own group
-        at ``mixture_lr`` (no weight decay) when that is set."""
+        at ``mixture_lr`` (no weight decay) when that is set, and the shared label-embedding matrix
+        (label_embedding) in its own group at ``label_embedding_lr`` (weight decay unchanged) when
+        that is set: freshly initialised parts that barely move at a fine-tuning rate."""
         fresh = self.optimizer is None  # type: ignore[has-type]
         opt = super().create_optimizer(model)  # type: ignore[misc]
+        if not fresh:
+            return opt
+        plain = self._model()
+        groups = []
         lr = getattr(self, "mixture_lr", None)
-        if fresh and lr is not None:
-            mix = [p for m in self._model().mixtures.values() for p in m.parameters() if p.requires_grad]
-            ids = {id(p) for p in mix}
-            if mix:
+        if lr is not None:
+            mix = [p for m in plain.mixtures.values() for p in m.parameters() if p.requires_grad]
+            groups.append((mix, float(lr), 0.0))
+        lr = getattr(self, "label_embedding_lr", None)
+        if lr is not None and plain.label_embedding is not None:
+            emb = [p for p in plain.label_embedding.parameters() if p.requires_grad]
+            groups.append((emb, float(lr), self.args.weight_decay))
+        for params, group_lr, decay in groups:
+            ids = {id(p) for p in params}
+            if params:
                 for g in opt.param_groups:
                     g["params"] = [p for p in g["params"] if id(p) not in ids]
-                opt.add_param_group({"params": mix, "lr": float(lr), "weight_decay": 0.0})
+                opt.add_param_group({"params": params, "lr": group_lr, "weight_decay": decay})
         return opt
 
     def _model(self) -> MultiTaskModel:
@@ -200,6 +228,17 @@ class _MultiTaskMixin:
         self._task_loss_sum[task] = v.clone() if prev is None else prev + v
         self._task_loss_n[task] = self._task_loss_n.get(task, 0) + 1
 
+    def _record_diagnostics(self, batches: list[dict[str, Any]], outs: list[Any]) -> None:
+        """Record each task batch's mechanism diagnostics (``diag_<name>_<task>`` in the logs)."""
+        names = self._model().task_names
+        for b, out in zip(batches, outs):
+            for k, v in (getattr(out, "diagnostics", None) or {}).items():
+                key = f"diag_{k}_{names[int(b['task'])]}"
+                prev = self._diag_sum.get(key)
+                v = v.detach().float()
+                self._diag_sum[key] = v.clone() if prev is None else prev + v
+                self._diag_n[key] = self._diag_n.get(key, 0) + 1
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
             # every rank reaches the training logs at the same steps and has recorded the same tasks
@@ -208,6 +247,9 @@ class _MultiTaskMixin:
             for t, v in mean_over_processes(self.accelerator, self._task_loss_sum, self._task_loss_n).items():
                 logs[f"loss_{t}"] = v
             self._task_loss_sum, self._task_loss_n = {}, {}
+            # (a second collective, at the same point on every rank)
+            logs.update(mean_over_processes(self.accelerator, self._diag_sum, self._diag_n))
+            self._diag_sum, self._diag_n = {}, {}
             self._extra_logs(logs)
         super().log(logs, start_time)  # type: ignore[misc]
 
@@ -274,6 +316,8 @@ class MultiTaskTrainer(_MultiTaskMixin, AtomicCheckpoints, Trainer):
         tasks_per_step: task batches per optimiser step (their losses averaged).
         pad_token_id: padding id of the tokenizer.
         mixture_lr: learning rate of the hierarchy layer mixtures (None: ``args.learning_rate``).
+        label_embedding_lr: learning rate of the shared label-embedding matrix (None:
+            ``args.learning_rate``).
         **kwargs: everything else ``Trainer`` takes (``processing_class``, callbacks, ...).
     """
 
@@ -288,18 +332,17 @@ class MultiTaskTrainer(_MultiTaskMixin, AtomicCheckpoints, Trainer):
         tasks_per_step: int = 1,
         pad_token_id: int = 0,
         mixture_lr: float | None = None,
+        label_embedding_lr: float | None = None,
         **kwargs: Any,
     ) -> None:
-        self.mixture_lr = mixture_lr
-        collator = MultiTaskCollator(list(model.specs.values()), pad_token_id)
-        kwargs.setdefault("eval_dataset", self.eval_concat(eval_sets, model))
-        super().__init__(model=model, args=args, train_dataset=self.concat(train_sets, model),
-                         data_collator=collator, **kwargs)
+        kwargs = self._trainer_kwargs(model, train_sets, eval_sets, pad_token_id, mixture_lr, label_embedding_lr,
+                                      kwargs)
+        super().__init__(model=model, args=args, **kwargs)
         # (the distillation trainer checks this in DistillationTrainer.__init__)
         for check in (unsynchronised_ranks_reason, data_parallel_reason):
             if (reason := check(self.args)) is not None:
                 raise UsageError(reason)
-        self._setup_mtl(train_sets, eval_sets, sampler, collator, tasks_per_step)
+        self._setup_mtl(train_sets, eval_sets, sampler, kwargs["data_collator"], tasks_per_step)
 
     def compute_loss(
         self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
@@ -317,6 +360,7 @@ class MultiTaskTrainer(_MultiTaskMixin, AtomicCheckpoints, Trainer):
             for k, v in out.aux.items():
                 self._record(k, v)
             total = out.loss if total is None else total + out.loss
+        self._record_diagnostics(batches, outs)
         assert total is not None
         loss = total / len(outs)
         return (loss, outs) if return_outputs else loss
@@ -344,14 +388,13 @@ class MultiTaskDistillationTrainer(_MultiTaskMixin, DistillationTrainer):
         tasks_per_step: int = 1,
         pad_token_id: int = 0,
         mixture_lr: float | None = None,
+        label_embedding_lr: float | None = None,
         **kwargs: Any,
     ) -> None:
-        self.mixture_lr = mixture_lr
-        collator = MultiTaskCollator(list(model.specs.values()), pad_token_id)
-        kwargs.setdefault("eval_dataset", self.eval_concat(eval_sets, model))
-        super().__init__(model=model, args=args, teacher=teachers, distill_loss=distill_loss,
-                         train_dataset=self.concat(train_sets, model), data_collator=collator, **kwargs)
-        self._setup_mtl(train_sets, eval_sets, sampler, collator, tasks_per_step)
+        kwargs = self._trainer_kwargs(model, train_sets, eval_sets, pad_token_id, mixture_lr, label_embedding_lr,
+                                      kwargs)
+        super().__init__(model=model, args=args, teacher=teachers, distill_loss=distill_loss, **kwargs)
+        self._setup_mtl(train_sets, eval_sets, sampler, kwargs["data_collator"], tasks_per_step)
 
     def compute_loss(
         self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
@@ -371,6 +414,7 @@ class MultiTaskDistillationTrainer(_MultiTaskMixin, DistillationTrainer):
                 self._record(k.split("/")[0], v)
             elif "/" not in k:
                 self._record(f"distill_{k}", v)
+        self._record_diagnostics(batches, outs)
         return (loss, outs) if return_outputs else loss
 
     def _extra_logs(self, logs: dict[str, float]) -> None:
