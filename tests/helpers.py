@@ -71,6 +71,26 @@ def assert_close(actual: Any, expected: Any, dtype: torch.dtype, kind: str = "or
     torch.testing.assert_close(actual, expected, **{**TOL[(dtype, kind)], **kw})
 
 
+class RecordOpArgs:
+    """A ``TorchDispatchMode`` (built lazily) that keeps the arguments of every op whose name
+    contains ``name`` (e.g. the backward op of a custom op) in ``.args``."""
+
+    def __new__(cls, name: str):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class _Record(TorchDispatchMode):
+            def __init__(self) -> None:
+                super().__init__()
+                self.args: list[tuple] = []
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if name in str(func):
+                    self.args.append(args)
+                return func(*args, **(kwargs or {}))
+
+        return _Record()
+
+
 # --- tiny models -----------------------------------------------------------------------------
 def tiny_bert_config(*, vocab: int = len(VOCAB), hidden: int = 32, layers: int = 2, heads: int = 4,
                      labels: int = 2, max_positions: int = 32, init: float = 0.02, dropout: float = 0.0,

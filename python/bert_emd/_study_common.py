@@ -16,8 +16,28 @@ from typing import Any
 
 from .errors import UsageError
 
-__all__ = ["check_output_dir", "command_line", "fmt_time", "git_commit", "machine", "pct", "rows_in",
-           "seed_and_row_changes"]
+__all__ = ["add_common_args", "check_output_dir", "command_line", "fmt_time", "git_commit", "machine", "pct",
+           "rows_in", "seed_and_row_changes", "write_report"]
+
+
+def add_common_args(p: argparse.ArgumentParser, budgets: Sequence[str], default_dir: str) -> None:
+    """The options every study takes: ``--quick``, ``--output-dir``, ``--resume``, ``--seeds``,
+    ``--dev-only``, ``--keep-models``, ``--progress`` and the hidden ``--budget`` of the tests
+    (a study adds ``--rows`` and its own options)."""
+    p.add_argument("--quick", action="store_true", help="the short budget: every row, one seed (<= 15 min on 2 cores)")
+    p.add_argument("--output-dir", "--output_dir", default=default_dir,
+                   help=f"where data, runs, results and plots go (default: {default_dir})")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a study in a non-empty --output-dir: finished runs are kept")
+    p.add_argument("--seeds", type=int, default=None, help="number of seeds per row, 0..N-1 (default: budget's)")
+    p.add_argument("--dev-only", action="store_true",
+                   help="a pilot for choosing hyperparameters: score the dev split only; the test split is never "
+                        "read (no intervals)")
+    p.add_argument("--keep-models", action="store_true",
+                   help="keep each run's weights (default: removed once the run is scored; logs and trainer "
+                        "states stay)")
+    p.add_argument("--progress", action="store_true", help="show the Trainer's progress bars and logs")
+    p.add_argument("--budget", choices=sorted(budgets), default=None, help=argparse.SUPPRESS)  # tests
 
 
 def check_output_dir(out: Path, resume: bool) -> None:
@@ -108,3 +128,16 @@ def command_line(prog: Sequence[str], args: argparse.Namespace, options: Sequenc
         if getattr(args, flag):
             words.append(f"--{flag.replace('_', '-')}")
     return shlex.join(words)
+
+
+def write_report(out: Path, result: dict[str, Any], format_report: Any, write_plots: Any) -> None:
+    """Print the study's report and write ``results.md``, ``results.json`` and the plots into ``out``."""
+    import json
+
+    report = format_report(result)
+    print()
+    print(report)
+    (out / "results.md").write_text(report + "\n")
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    plots = write_plots(result, out)
+    print(f"\nresults: {out / 'results.md'}; plots: {', '.join(str(p.relative_to(out)) for p in plots)}")

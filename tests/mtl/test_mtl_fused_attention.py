@@ -16,16 +16,8 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("datasets")
 yaml = pytest.importorskip("yaml")
 
+import bert_emd.mtl as mtl  # noqa: E402
 from bert_emd.errors import UsageError  # noqa: E402
-from bert_emd.mtl import (  # noqa: E402
-    MechanismConfig,
-    MultiTaskEMDLoss,
-    MultiTaskModel,
-    TaskDistillInput,
-    TaskSpec,
-    TeacherSet,
-    distillation_step,
-)
 from bert_emd.mtl.cli_commands import main  # noqa: E402
 from helpers import make_teacher, sentiment_rows, write_table  # noqa: E402
 from transformers import PreTrainedModel  # noqa: E402
@@ -58,8 +50,9 @@ def bert(layers: int, seed: int, num_labels: int | None = None, heads: int = 4):
     return helpers.tiny_bert(vocab=VOCAB, hidden=D, layers=layers, heads=heads, labels=num_labels).eval()
 
 
-def specs() -> list[TaskSpec]:
-    return [TaskSpec("t0", "single", 2, data={"train": "x.csv"}), TaskSpec("t1", "single", 3, data={"train": "x.csv"})]
+def specs() -> list[mtl.TaskSpec]:
+    return [mtl.TaskSpec("t0", "single", 2, data={"train": "x.csv"}),
+            mtl.TaskSpec("t1", "single", 3, data={"train": "x.csv"})]
 
 
 def batch(task: str, g: torch.Generator, n_labels: int) -> dict:
@@ -71,12 +64,12 @@ def batch(task: str, g: torch.Generator, n_labels: int) -> dict:
 
 def models(multitask_teacher: bool):
     ts = specs()
-    student = MultiTaskModel(bert(2, 0), ts, MechanismConfig(dropout=0.0))
+    student = mtl.MultiTaskModel(bert(2, 0), ts, mtl.MechanismConfig(dropout=0.0))
     if multitask_teacher:
-        teacher = MultiTaskModel(bert(4, 1), ts, MechanismConfig(dropout=0.0)).eval()
-        teachers = TeacherSet(multitask=teacher)
+        teacher = mtl.MultiTaskModel(bert(4, 1), ts, mtl.MechanismConfig(dropout=0.0)).eval()
+        teachers = mtl.TeacherSet(multitask=teacher)
     else:
-        teachers = TeacherSet({"t0": bert(3, 1, 2), "t1": bert(4, 2, 3)})
+        teachers = mtl.TeacherSet({"t0": bert(3, 1, 2), "t1": bert(4, 2, 3)})
     return ts, student, teachers
 
 
@@ -99,19 +92,19 @@ def test_fused_attention_equals_the_map_based_loss(model_calls, source, multitas
     ts, student, teachers = models(multitask_teacher)
     f_student, f_teachers = to_sdpa(student), to_sdpa(teachers)  # (copied before any hook is attached)
     kw = dict(attention_source=source, beta=1.0, normalize="sum")
-    ref = MultiTaskEMDLoss.from_models(ts, student, teachers, **kw)
-    fused = MultiTaskEMDLoss.from_models(ts, f_student, f_teachers, fused_attention=True, **kw)
+    ref = mtl.MultiTaskEMDLoss.from_models(ts, student, teachers, **kw)
+    fused = mtl.MultiTaskEMDLoss.from_models(ts, f_student, f_teachers, fused_attention=True, **kw)
     fused.load_state_dict(ref.state_dict())  # the same projections
     assert ref.wants_attention_maps is (source == "probs") and not fused.wants_attention_maps
     g = torch.Generator().manual_seed(0)
     steps = [[batch("t0", g, 2), batch("t1", g, 3), batch("t0", g, 2)], [batch("t1", g, 3)]]
     for step in steps:
         model_calls.clear()
-        total_r, parts_r, _ = distillation_step(student, teachers, ref, step)
+        total_r, parts_r, _ = mtl.distillation_step(student, teachers, ref, step)
         maps = source == "probs"  # the map-based probs run needs eager attention maps
         assert model_calls and all(c == (maps, "eager") for c in model_calls), model_calls
         model_calls.clear()
-        total_f, parts_f, _ = distillation_step(f_student, f_teachers, fused, step)
+        total_f, parts_f, _ = mtl.distillation_step(f_student, f_teachers, fused, step)
         assert model_calls and all(c == (False, "sdpa") for c in model_calls), model_calls
         for key, v in parts_r.items():
             assert parts_f[key].item() == pytest.approx(v.item(), rel=1e-5, abs=1e-7), key
@@ -138,33 +131,33 @@ def test_fused_attention_misconfigured_errors():
     ts, student, teachers = models(False)
     g = torch.Generator().manual_seed(0)
     step = [batch("t0", g, 2)]
-    unhooked = MultiTaskEMDLoss(ts, 2, D, {"t0": 3, "t1": 4}, {"t0": D, "t1": D}, fused_attention=True)
+    unhooked = mtl.MultiTaskEMDLoss(ts, 2, D, {"t0": 3, "t1": 4}, {"t0": D, "t1": D}, fused_attention=True)
     hint = r"fused_attention=True needs the models hooked: build the loss with MultiTaskEMDLoss.from_models"
     with pytest.raises(RuntimeError, match=hint):
-        distillation_step(student, teachers, unhooked, step)
+        mtl.distillation_step(student, teachers, unhooked, step)
     outputs = {"hidden_states": tuple(torch.randn(B, L, D) for _ in range(3)), "logits": torch.randn(B, 2)}
     t_out = {"hidden_states": tuple(torch.randn(B, L, D) for _ in range(4)), "logits": torch.randn(B, 2)}
     with pytest.raises(RuntimeError, match=hint):  # called directly without the queries and keys
-        unhooked([TaskDistillInput("t0", outputs, t_out)])
-    scores = MultiTaskEMDLoss(ts, 2, D, {"t0": 3, "t1": 4}, {"t0": D, "t1": D}, attention_source="scores")
+        unhooked([mtl.TaskDistillInput("t0", outputs, t_out)])
+    scores = mtl.MultiTaskEMDLoss(ts, 2, D, {"t0": 3, "t1": 4}, {"t0": D, "t1": D}, attention_source="scores")
     with pytest.raises(RuntimeError, match="attention_source='scores' needs the models hooked"):
-        distillation_step(student, teachers, scores, step)
+        mtl.distillation_step(student, teachers, scores, step)
     with pytest.raises(ValueError, match="attention_source must be 'probs' or 'scores', got 'maps'"):
-        MultiTaskEMDLoss(ts, 2, D, {"t0": 3, "t1": 4}, {"t0": D, "t1": D}, attention_source="maps")
+        mtl.MultiTaskEMDLoss(ts, 2, D, {"t0": 3, "t1": 4}, {"t0": D, "t1": D}, attention_source="maps")
     # the map-based loss without maps points to the fused path
-    maps = MultiTaskEMDLoss(ts, 2, D, {"t0": 3, "t1": 4}, {"t0": D, "t1": D})
+    maps = mtl.MultiTaskEMDLoss(ts, 2, D, {"t0": 3, "t1": 4}, {"t0": D, "t1": D})
     with pytest.raises(ValueError, match="task 't0': the student returned no .* fused_attention=True"):
-        maps([TaskDistillInput("t0", outputs, t_out)])
+        maps([mtl.TaskDistillInput("t0", outputs, t_out)])
     # heads are compared one by one: a 2-head student against 4-head teachers
-    narrow = MultiTaskModel(bert(2, 0, heads=2), ts, MechanismConfig(dropout=0.0))
-    loss = MultiTaskEMDLoss.from_models(ts, narrow, teachers, fused_attention=True)
+    narrow = mtl.MultiTaskModel(bert(2, 0, heads=2), ts, mtl.MechanismConfig(dropout=0.0))
+    loss = mtl.MultiTaskEMDLoss.from_models(ts, narrow, teachers, fused_attention=True)
     with pytest.raises(ValueError, match=r"task 't0': student attention \(8, 2, 10, 10\) and teacher attention "
                                          r"\(8, 4, 10, 10\) differ"):
-        distillation_step(narrow, teachers, loss, step)
+        mtl.distillation_step(narrow, teachers, loss, step)
     loss.detach_models()
     # a model without BERT-family attention cannot be hooked
     with pytest.raises(ValueError, match="no BERT-family self-attention module"):
-        unhooked.attach(student, TeacherSet({"t0": torch.nn.Linear(2, 2), "t1": bert(4, 2, 3)}))
+        unhooked.attach(student, mtl.TeacherSet({"t0": torch.nn.Linear(2, 2), "t1": bert(4, 2, 3)}))
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -174,21 +174,20 @@ def drawn(monkeypatch):
     """The task of every batch the trainers' batch samplers yield, per sampler (two-task runs only)."""
     from bert_emd.mtl.samplers import MultiTaskBatchSampler
 
-    seen: dict[int, list[int]] = {}
-    order: list[int] = []
-    real = MultiTaskBatchSampler.__iter__
+    runs: list[list[int]] = []  # one list per sampler, in the order they first yield (not keyed by id():
+    real = MultiTaskBatchSampler.__iter__  # a freed sampler's id may be reused by the next run's)
 
     def spy(self):
-        if len(self.sizes) == 2 and id(self) not in seen:
-            seen[id(self)] = []
-            order.append(id(self))
+        if len(self.sizes) == 2 and not hasattr(self, "_drawn"):
+            self._drawn = []
+            runs.append(self._drawn)
         for batch in real(self):
             if len(self.sizes) == 2:
-                seen[id(self)].append(int(np.searchsorted(self.offsets, batch[0], side="right") - 1))
+                self._drawn.append(int(np.searchsorted(self.offsets, batch[0], side="right") - 1))
             yield batch
 
     monkeypatch.setattr(MultiTaskBatchSampler, "__iter__", spy)
-    return lambda: [seen[k] for k in order]
+    return lambda: runs
 
 
 @pytest.mark.slow

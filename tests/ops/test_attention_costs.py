@@ -25,6 +25,7 @@ from bert_emd.reference.attention_costs import (  # noqa: E402
     materialize,
 )
 from bert_emd.reference.layer_costs import layer_costs_loop  # noqa: E402
+from helpers import RecordOpArgs  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 BACKENDS = ["cpu", "torch", "triton"]
@@ -565,20 +566,10 @@ def test_teacher_gradient_only_when_required(backend, rng):
         pytest.skip("bert_emd._C not built")
     S, T = _side(rng, 2, 1, 2, 7, 4), _side(rng, 2, 1, 2, 7, 8, grad=False)
 
-    class Log(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.bwd_args = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if "attention_costs_bwd" in str(func):
-                self.bwd_args.append(args)
-            return func(*args, **(kwargs or {}))
-
     D = attention_costs(S, T, source="probs", backend=backend)
-    with Log() as log:
+    with RecordOpArgs("attention_costs_bwd") as log:
         grads = torch.autograd.grad(D.sum(), _leaves(S, []))
-    assert len(log.bwd_args) == 1 and log.bwd_args[0][-2:] == (True, False)  # need_student, not teacher
+    assert len(log.args) == 1 and log.args[0][-2:] == (True, False)  # need_student, not teacher
     assert all(g is not None and g.abs().sum() > 0 for g in grads)
     # only a key of the student needs grad: one call still, its query gradient is dropped
     q = S[0][0].detach()

@@ -20,8 +20,10 @@ from bert_emd.reference.layer_costs import (  # noqa: E402
     layer_costs_original,
     layer_costs_vectorized,
 )
-from helpers import assert_close  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from helpers import (
+    RecordOpArgs,  # noqa: E402
+    assert_close,  # noqa: E402
+)
 
 BACKENDS = [
     pytest.param("cpu", marks=pytest.mark.skipif(not _ext.has_extension(), reason="bert_emd._C not built")),
@@ -150,26 +152,16 @@ def test_teacher_gradient_only_when_required(backend):
     T = _layers(gen, 3, (3, 4, 5))
     D = layer_costs(S, T, backend=backend)
 
-    class Log(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.bwd_args = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if "layer_costs_bwd" in str(func):
-                self.bwd_args.append(args)
-            return func(*args, **(kwargs or {}))
-
-    with Log() as log:
+    with RecordOpArgs("layer_costs_bwd") as log:
         (g,) = torch.autograd.grad(D.sum(), S)
-    assert len(log.bwd_args) == 1 and log.bwd_args[0][-1] is False  # need_teacher: one fused call
+    assert len(log.args) == 1 and log.args[0][-1] is False  # need_teacher: one fused call
     ref_s, ref_t = layer_costs_grad(torch.ones(2, 3, dtype=torch.float64), list(S.detach()), T, need_teacher=False)
     assert ref_t == []
     torch.testing.assert_close(g, torch.stack(ref_s))
     T2 = [t.requires_grad_() for t in T]
-    with Log() as log:
+    with RecordOpArgs("layer_costs_bwd") as log:
         torch.autograd.grad(layer_costs(S, T2, backend=backend).sum(), [S, *T2])
-    assert len(log.bwd_args) == 1 and log.bwd_args[0][-1] is True
+    assert len(log.args) == 1 and log.args[0][-1] is True
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from .._study_common import (
+    add_common_args,
     check_output_dir,
     command_line,
     fmt_time,
@@ -50,6 +51,7 @@ from .._study_common import (
     pct,
     rows_in,
     seed_and_row_changes,
+    write_report,
 )
 from ..errors import UsageError
 from .demo import (
@@ -140,27 +142,14 @@ _KEY_FIELDS = ("labelled_rows", "transfer_rows", "dev_rows", "test_rows", "teach
 
 def add_study_args(p: argparse.ArgumentParser) -> None:
     """Options of ``bert-emd study``."""
-    p.add_argument("--quick", action="store_true", help="the short budget: every row, one seed (<= 15 min on 2 cores)")
-    p.add_argument("--output-dir", "--output_dir", dest="output_dir", default="study_output",
-                   help="where data, teacher, runs, results and plots go (default: study_output)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue a study in a non-empty --output-dir: finished runs (and the teacher) are kept")
-    p.add_argument("--seeds", type=int, default=None, help="number of seeds per row, 0..N-1 (default: budget's)")
+    add_common_args(p, STUDY_BUDGETS, "study_output")
     p.add_argument("--rows", default=None,
                    help=f"comma-separated rows to run (default: all: {','.join(ALL_ROWS)}); EMD is the reference")
     p.add_argument("--stage1-lr", type=float, default=None, help="stage-1 learning rate (default: budget's)")
     p.add_argument("--stage2-lr", type=float, default=None, help="stage-2 learning rate (default: budget's)")
     p.add_argument("--transfer-rows", type=int, default=None,
                    help="stage-1 transfer-set size, one epoch (default: budget's)")
-    p.add_argument("--dev-only", action="store_true",
-                   help="a pilot for choosing hyperparameters: score the dev split only; the test split is never "
-                        "read (no intervals)")
-    p.add_argument("--keep-models", action="store_true",
-                   help="keep the students' weights (default: removed once a run is scored; logs, trainer "
-                        "states and transport plans stay)")
-    p.add_argument("--progress", action="store_true", help="show the Trainer's progress bars and logs")
-    # Test hooks: a reduced budget, and other local weights / CSV.
-    p.add_argument("--budget", choices=sorted(STUDY_BUDGETS), default=None, help=argparse.SUPPRESS)
+    # Test hooks: other local weights / CSV.
     p.add_argument("--teacher-model", default=None, help=argparse.SUPPRESS)
     p.add_argument("--data-csv", default=None, help=argparse.SUPPRESS)
 
@@ -408,13 +397,7 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
     result = _summarise(name, b, runs, teacher, split, out, data, n_transfer, n_dev, n_test, t_start, args)
     from .study_report import format_report, write_plots
 
-    report = format_report(result)
-    print()
-    print(report)
-    (out / "results.md").write_text(report + "\n")
-    (out / "results.json").write_text(json.dumps(result, indent=1))
-    plots = write_plots(result, out)
-    print(f"\nresults: {out / 'results.md'}; plots: {', '.join(str(p.relative_to(out)) for p in plots)}")
+    write_report(out, result, format_report, write_plots)
     return result
 
 

@@ -166,13 +166,7 @@ _KEY_FIELDS = ("train_rows", "dev_rows", "test_rows", "steps", "batch_size", "ma
 
 def add_study_args(p: argparse.ArgumentParser) -> None:
     """Options of ``bert-emd mtl study``."""
-    p.add_argument("--quick", action="store_true",
-                   help="the short budget: every row, one seed, 48 steps (<= 15 min on 2 idle cores)")
-    p.add_argument("--output-dir", "--output_dir", dest="output_dir", default="mtl_study_output",
-                   help="where data, runs, results and plots go (default: mtl_study_output)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue a study in a non-empty --output-dir: finished runs are kept")
-    p.add_argument("--seeds", type=int, default=None, help="number of seeds, 0..N-1 (default: budget's)")
+    common.add_common_args(p, STUDY_BUDGETS, "mtl_study_output")
     p.add_argument("--rows", default=None,
                    help=f"comma-separated multi-task rows (default: {','.join(DEFAULT_ROWS)}; also: "
                         f"{','.join(k for k in ROWS if k not in DEFAULT_ROWS)}); the baselines they need always run")
@@ -181,17 +175,9 @@ def add_study_args(p: argparse.ArgumentParser) -> None:
                    help="learning rate of the hierarchy layer mixtures (default: budget's)")
     p.add_argument("--label-embedding-lr", type=float, default=None,
                    help="learning rate of the shared label-embedding matrix (default: budget's)")
-    p.add_argument("--dev-only", action="store_true",
-                   help="a pilot for choosing hyperparameters: score the dev rows only; the test split is never "
-                        "read (no intervals)")
     p.add_argument("--no-baselines", action="store_true",
                    help="skip the single-task baselines (pilots that only compare rows on dev)")
-    p.add_argument("--keep-models", action="store_true",
-                   help="keep each run's weights (default: removed once the run is scored; logs and trainer "
-                        "states stay)")
-    p.add_argument("--progress", action="store_true", help="show the Trainer's progress bars and logs")
-    # Test hooks: a reduced budget, and other local weights / data.
-    p.add_argument("--budget", choices=sorted(STUDY_BUDGETS), default=None, help=argparse.SUPPRESS)
+    # Test hooks: other local weights / data.
     p.add_argument("--encoder", default=None, help=argparse.SUPPRESS)
     p.add_argument("--tweets-csv", default=None, help=argparse.SUPPRESS)
     p.add_argument("--bbc-dir", default=None, help=argparse.SUPPRESS)
@@ -602,13 +588,7 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
     result = _result(name, b, rows, results, counts, data, out, t_start, args)
     from .study_report import format_report, write_plots
 
-    report = format_report(result)
-    print()
-    print(report)
-    (out / "results.md").write_text(report + "\n")
-    (out / "results.json").write_text(json.dumps(result, indent=1))
-    plots = write_plots(result, out)
-    print(f"\nresults: {out / 'results.md'}; plots: {', '.join(str(p.relative_to(out)) for p in plots)}")
+    common.write_report(out, result, format_report, write_plots)
     return result
 
 
