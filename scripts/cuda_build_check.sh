@@ -2,7 +2,9 @@
 # The GPU user's install, proven on a machine without a GPU: build bert_emd._C with its CUDA
 # kernels for sm_80 and sm_90 against the CUDA 13.0 build of torch (default 2.14.1) in a second
 # virtual environment, from a clean copy of the tracked sources, import it, and check that the
-# shared library holds machine code for both architectures.
+# shared library holds machine code for both architectures. Then, with that build (the path a GPU
+# user's process takes), run whole training steps on fake CUDA tensors and fail on any host sync
+# (tests/ops/test_no_host_sync.py: a CPU-only torch cannot record autograd over CUDA tensors).
 #   usage: scripts/cuda_build_check.sh [VENV_DIR] [TORCH_SPEC]
 set -euo pipefail
 venv=$(realpath -m "${1:-.venv-cuda}")
@@ -41,4 +43,9 @@ if [ -n "$cuobjdump" ]; then
     grep -q "$arch" <<<"$archs" || { echo "cuda_build_check: no $arch code in $so"; exit 1; }
   done
 fi
+
+echo "cuda_build_check: training steps on fake CUDA tensors, no host sync"
+"$venv/bin/python" -m pip install --quiet "pytest>=8" "transformers>=4.40" "accelerate>=0.30"
+# from the source copy, whose python/ is not on the path: bert_emd is the build installed above
+(cd "$src" && "$venv/bin/python" -m pytest -q -o addopts="" -p no:cacheprovider tests/ops/test_no_host_sync.py)
 echo "cuda_build_check: OK"

@@ -16,13 +16,18 @@ What is walked, per op: the public call without gradient (argument checks, backe
 dispatch, the fake kernel), the registered autograd rule (``setup_context`` and ``backward``, run
 with a stand-in ``ctx``: the code autograd runs, the backward op included) and the eager path's
 autograd Function (its ``forward`` and ``backward``, same ``ctx``; the backend functions it calls
-directly are the registered ops here, whose fake kernels run). The autograd engine itself cannot
-record a graph over fake CUDA tensors on a CPU-only torch: creating any graph node reads the
-CUDA stream of the inputs' device, and a CPU-only build has no CUDA device guard (it aborts:
-"PyTorch is not linked with support for cuda devices"; ``FakeTensorMode`` only swaps in a no-op
-guard on CUDA builds). ``test_fwd_bwd_through_autograd`` runs forward and backward through the
-engine where the build allows it (a CUDA build, GPU or not), and ``test_no_sync_on_a_gpu`` runs
-the real kernels under ``torch.cuda.set_sync_debug_mode("error")`` on a GPU.
+directly are the registered ops here, whose fake kernels run).
+
+Whole training steps (``loss_step``, ``mtl_step``: tiny BERTs, the student's and the teachers'
+forwards, the loss with its layer-weight update, then the backward of every parameter) need a
+torch built with CUDA, GPU or not: on a CPU-only build, creating any autograd node over a CUDA
+tensor reads the device's CUDA stream and aborts ("PyTorch is not linked with support for cuda
+devices"). On a CUDA build without a GPU the graph records, but the autograd engine cannot run it
+(its CUDA worker thread asks for a device that does not exist), so :func:`backward_by_hand` walks
+the recorded graph itself: every node's backward, in topological order, with the engine's
+reduction of broadcast gradients. In CI these run in the CUDA build's environment
+(``scripts/cuda_build_check.sh``); ``test_no_sync_on_a_gpu`` runs the real kernels under
+``torch.cuda.set_sync_debug_mode("error")`` on a GPU.
 
 ``emd(..., validate=True)`` reads the status back (one scalar, the documented opt-in sync);
 ``validate=False`` reads nothing.
@@ -31,7 +36,6 @@ the real kernels under ``torch.cuda.set_sync_debug_mode("error")`` on a GPU.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -44,9 +48,8 @@ SYNC_FREE = ["emd", "layer_costs", "attention_costs", "attention_live_spans"]
 
 
 def _run(check: str) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parents[2] / "python"), env.get("PYTHONPATH", "")])
-    out = subprocess.run([sys.executable, str(HERE), check], capture_output=True, text=True, env=env, timeout=600)
+    # bert_emd as this interpreter imports it (installed, or the checkout's in an editable install)
+    out = subprocess.run([sys.executable, str(HERE), check], capture_output=True, text=True, timeout=600)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
     assert out.returncode == 0 and lines, (
         f"check {check!r} exited with {out.returncode}\nstdout:\n{out.stdout[-3000:]}\nstderr:\n{out.stderr[-3000:]}"
@@ -58,7 +61,7 @@ def _run(check: str) -> dict:
 def test_no_host_sync(check):
     result = _run(check)
     assert result["calls"] > 0
-    assert result["syncs"] == [], f"{check}: host syncs {result['syncs']}"
+    assert result["syncs"] == [], f"{check}: host syncs {list(zip(result['syncs'], result['where']))}"
 
 
 def test_emd_validate_reads_the_status_once():
@@ -82,14 +85,26 @@ def test_the_detector_sees_every_kind_of_host_read():
     ]
 
 
-def test_fwd_bwd_through_autograd():
-    """Forward and backward through the autograd engine on fake CUDA tensors: needs a torch built
-    with CUDA (the engine reads the inputs' CUDA stream; see the module docstring)."""
+# Whole steps on a CUDA build (GPU or not). The single-task loss in the configurations a training
+# run chooses from: attention maps or hooked scores, per-batch or per-sample transport, the fused
+# attention-cost op or the maps; the multi-task step with the EMD layer mixtures.
+STEPS = ["autograd",
+         "loss_step:probs:batch:maps", "loss_step:scores:per_sample:maps",
+         "loss_step:scores:batch:fused", "loss_step:probs:per_sample:fused",
+         "mtl_step:scores:maps", "mtl_step:probs:fused"]
+
+
+@pytest.mark.parametrize("check", STEPS)
+def test_training_step_without_host_sync(check):
+    """Forward and backward of the ops (``autograd``) and of whole loss steps on fake CUDA
+    tensors: needs a torch built with CUDA (see the module docstring)."""
     if torch.version.cuda is None:
         pytest.skip("CPU-only torch: no CUDA device guard, autograd cannot record over CUDA tensors")
-    result = _run("autograd")
+    if check != "autograd":
+        pytest.importorskip("transformers")
+    result = _run(check)
     assert result["calls"] > 0
-    assert result["syncs"] == [], f"host syncs {result['syncs']}"
+    assert result["syncs"] == [], f"{check}: host syncs {list(zip(result['syncs'], result['where']))}"
 
 
 @pytest.mark.cuda
@@ -162,9 +177,11 @@ class _HostSyncs:
                     outer.syncs.append(f"data-dependent shape: {func}")
                 elif func in copies:
                     outer._copy(func, args, kwargs)
+                if len(outer.syncs) > len(outer.where):
+                    outer.where.append(_caller())
                 return func(*args, **kwargs)
 
-        self.mode, self.calls, self.syncs = Mode(), 0, []
+        self.mode, self.calls, self.syncs, self.where = Mode(), 0, [], []
 
     def _copy(self, func, args, kwargs) -> None:
         if func == torch.ops.aten.copy_.default:
@@ -186,6 +203,18 @@ class _HostSyncs:
 
     def __exit__(self, *exc):
         return self.mode.__exit__(*exc)
+
+
+def _caller() -> str:
+    """Where a recorded operation came from: the innermost frame in bert_emd, else in transformers."""
+    import traceback
+
+    frames = traceback.extract_stack()
+    for pkg in ("/bert_emd/", "/transformers/"):
+        for f in reversed(frames):
+            if pkg in f.filename:
+                return f"{f.filename.split(pkg, 1)[1]}:{f.lineno} ({pkg.strip('/')}: {f.line})"
+    return "?"
 
 
 class _Ctx:
@@ -214,7 +243,7 @@ def _record(fn) -> dict:
         except DataDependentOutputException:
             if not rec.syncs:
                 rec.syncs.append("read: DataDependentOutputException")
-    return {"calls": rec.calls, "syncs": rec.syncs}
+    return {"calls": rec.calls, "syncs": rec.syncs, "where": rec.where}
 
 
 def _check_emd(validate: bool) -> dict:
@@ -348,8 +377,49 @@ def _check_detector() -> dict:
     return _record(run)
 
 
+def backward_by_hand(root: torch.Tensor) -> None:
+    """``root.backward()`` without the autograd engine (which cannot start on a CUDA build with no
+    GPU): each node of the recorded graph, in topological order, gets the sum of the gradients its
+    consumers sent, runs its backward and passes the results on, each reduced to the shape and
+    dtype its next node recorded for it (the engine's handling of broadcast inputs); leaves
+    accumulate into ``.grad``. Hooks on tensors are not run (the steps checked here register none)."""
+    order, seen, stack = [], set(), [(root.grad_fn, False)]
+    while stack:  # iterative depth-first post-order
+        node, done = stack.pop()
+        if done:
+            order.append(node)
+        elif node not in seen:
+            seen.add(node)
+            stack.append((node, True))
+            stack.extend((nxt, False) for nxt, _ in node.next_functions if nxt is not None and nxt not in seen)
+    pending: dict = {root.grad_fn: [torch.ones_like(root)]}
+    for node in reversed(order):
+        grads = pending.pop(node, None)
+        if grads is None:
+            continue
+        if type(node).__name__ == "AccumulateGrad":
+            leaf = node.variable
+            leaf.grad = grads[0] if leaf.grad is None else leaf.grad + grads[0]
+            continue
+        if any(g is None for g in grads):  # outputs no consumer used: the engine passes zeros (undefined)
+            grads = [torch.zeros(m.shape, dtype=m.dtype, device=m.device) if g is None else g
+                     for g, m in zip(grads, node._input_metadata)]
+        outs = node(*grads) if callable(node) else node.apply(*grads)  # C++ node, or a Python Function's
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        for (nxt, nr), g in zip(node.next_functions, outs):
+            if nxt is None or g is None:
+                continue
+            meta = nxt._input_metadata[nr]
+            if tuple(g.shape) != tuple(meta.shape):
+                g = g.sum_to_size(meta.shape)
+            if g.dtype != meta.dtype:
+                g = g.to(meta.dtype)
+            slot = pending.setdefault(nxt, [None] * len(nxt._input_metadata))
+            slot[nr] = g if slot[nr] is None else slot[nr] + g
+
+
 def _check_autograd() -> dict:
-    """Forward and backward through the autograd engine (a CUDA build only)."""
+    """Forward and backward of the three ops through autograd's recorded graph (a CUDA build only)."""
     import bert_emd
 
     def run():
@@ -362,9 +432,95 @@ def _check_autograd() -> dict:
         D = bert_emd.layer_costs(S, T, mask=am, per_sample=True)
         A = bert_emd.attention_costs((sq, sk), (tq, tk), attention_mask=am, source="probs")
         res = bert_emd.emd(C, validate=False)
-        torch.autograd.grad(D.sum() + A.sum() + res.value.sum(), [S, sq, C])
+        backward_by_hand(D.sum() + A.sum() + res.value.sum())
+        assert S.grad is not None and sq.grad is not None and C.grad is not None
 
     return _record(run)
+
+
+def _record_step(build, step, steps: int = 2) -> dict:
+    """``build()`` (models, loss, batches: on fake CUDA tensors, not recorded) then ``steps``
+    recorded calls of ``step(built)`` -- the second reads the layer weights the first one wrote."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
+
+    rec = _HostSyncs()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        with torch.device("cuda"):  # the models' parameters; the step runs without a default device
+            built = build()
+        with rec:
+            try:
+                for _ in range(steps):
+                    step(built)
+            except DataDependentOutputException as e:
+                rec.syncs.append(f"read: DataDependentOutputException ({e})")
+    return {"calls": rec.calls, "syncs": rec.syncs, "where": rec.where}
+
+
+VOCAB, B, L = 40, 3, 9
+
+
+def _batch(n_labels: int, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)  # CPU generator: the values are made on the host, then faked
+    ids = torch.randint(3, VOCAB, (B, L), generator=g).cuda()
+    am = torch.ones(B, L, dtype=torch.long).cuda()
+    return {"input_ids": ids, "attention_mask": am, "labels": torch.arange(B).remainder(n_labels).cuda()}
+
+
+def _check_loss_step(source: str, sample: str, attention: str) -> dict:
+    """A BertEMDLoss training step: student and teacher forwards, the loss (EMD mapping, its
+    layer-weight update), the backward to every student and loss parameter."""
+    import helpers
+    from bert_emd.nn import BertEMDLoss
+
+    fused = attention == "fused"
+    maps = source == "probs" and not fused
+
+    def build():
+        student = helpers.tiny_bert(vocab=VOCAB, hidden=16, layers=2, labels=3, init=0.2)
+        teacher = helpers.tiny_bert(vocab=VOCAB, hidden=32, layers=4, labels=3, init=0.2).eval()
+        loss_fn = BertEMDLoss.from_models(student, teacher, attention_source=source, beta=1.0,
+                                          per_sample=sample == "per_sample", fused_attention=fused)
+        return student, teacher, loss_fn, _batch(3, 0)
+
+    def step(built):
+        student, teacher, loss_fn, b = built
+        s_out = student(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True,
+                        output_attentions=maps)
+        with torch.no_grad():
+            t_out = teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True,
+                            output_attentions=maps)
+        loss, _ = loss_fn(s_out, t_out, labels=b["labels"], attention_mask=b["attention_mask"])
+        backward_by_hand(loss)
+        assert loss_fn.projection.weight.grad is not None
+        assert student.bert.encoder.layer[0].attention.self.query.weight.grad is not None
+
+    return _record_step(build, step)
+
+
+def _check_mtl_step(source: str, attention: str) -> dict:
+    """A multi-task distillation step: the student on both task batches, each task's teacher, the
+    multi-task EMD loss (one batched solve, per-task layer weights, the EMD layer mixtures)."""
+    import helpers
+    from bert_emd.mtl import MechanismConfig, MultiTaskEMDLoss, MultiTaskModel, TaskSpec, TeacherSet, distillation_step
+
+    def build():
+        ts = [TaskSpec(f"t{i}", "single", n, data={"train": "x.csv"}) for i, n in enumerate((2, 3))]
+        encoder = helpers.tiny_bert("encoder-no-pool", vocab=VOCAB, hidden=32, layers=2)
+        student = MultiTaskModel(encoder, ts, MechanismConfig(hierarchy=True, hierarchy_mode="emd", dropout=0.0))
+        teachers = TeacherSet({"t0": helpers.tiny_bert(vocab=VOCAB, hidden=32, layers=3, labels=2).eval(),
+                               "t1": helpers.tiny_bert(vocab=VOCAB, hidden=32, layers=4, labels=3).eval()})
+        loss_fn = MultiTaskEMDLoss.from_models(ts, student, teachers, attention_source=source,
+                                               fused_attention=attention == "fused", beta=1.0)
+        batches = [{"task": "t0", **_batch(2, 0)}, {"task": "t1", **_batch(3, 1)}]
+        return student, teachers, loss_fn, batches
+
+    def step(built):
+        student, teachers, loss_fn, batches = built
+        loss, _, _ = distillation_step(student, teachers, loss_fn, batches)
+        backward_by_hand(loss)
+        assert student.encoder.encoder.layer[0].attention.self.query.weight.grad is not None
+
+    return _record_step(build, step)
 
 
 CHECKS = {
@@ -376,8 +532,12 @@ CHECKS = {
     "detector": _check_detector,
     "autograd": _check_autograd,
 }
+for _name in STEPS[1:]:
+    _kind, *_opts = _name.split(":")
+    CHECKS[_name] = (lambda k, o: lambda: (_check_loss_step if k == "loss_step" else _check_mtl_step)(*o))(_kind, _opts)
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(HERE.parents[1]))  # tests/: helpers
     _as_on_a_cuda_build()
     print(json.dumps(CHECKS[sys.argv[1]]()))
