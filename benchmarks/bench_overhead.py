@@ -6,7 +6,13 @@ Workloads (fp32; tiny, so that the kernels take a few microseconds and the rest 
     ([M, B, L, d] and [N, B, L, d], as the vectorised expression takes them);
   * ``attention_costs``: M = 4 and N = 12 layers' queries and keys [B=2, H=2, L=8, d=8], passed as
     stacked pairs (Q, K) [layers, B, H, L, d], ``source="scores"``, no masks;
-  * ``emd``: one 4 x 12 problem, uniform weights (the per-step call of the loss).
+  * ``emd``: one 4 x 12 problem, uniform weights (the per-step call of the loss);
+  * ``loss``: a whole ``BertEMDLoss`` step, forward and backward, on model outputs of those sizes
+    (4 student, 12 teacher layers of hidden states [2, 8, 16], attention maps [2, 2, 8, 8], logits
+    [2, 3], labels; the outputs given as dicts, so no model runs): providers ``emd`` (the EMD
+    mapping, the cost-attention update), ``skip`` (TinyBERT's fixed mapping, the same terms) and
+    ``pred`` (prediction distillation only), eager and, with ``--compile``, compiled (the loss's
+    forward in one graph, its backward through AOTAutograd). Only ``fwd+bwd``.
 Passes: ``no-grad`` (the forward under ``torch.no_grad``), ``fwd`` (the student requires grad: the
 forward that records the graph) and ``fwd+bwd`` (that forward, then ``torch.autograd.grad`` w.r.t.
 the student with a dense upstream gradient G [M, N]).
@@ -201,6 +207,56 @@ def _emd_workload(gen, compile_backend, rounds: int, min_time: float) -> list[tu
     return _time_rounds(fns, rounds, min_time)
 
 
+def _loss_outputs(gen: torch.Generator, m: int, n: int, grad: bool) -> tuple[dict, dict, torch.Tensor]:
+    """Student / teacher outputs as the loss reads them (dicts), and labels [B]."""
+    B, L, d = HIDDEN
+    H = ATTN[1]
+
+    def side(layers: int, requires_grad: bool) -> dict:
+        hs = tuple(torch.randn(B, L, d, generator=gen).requires_grad_(requires_grad) for _ in range(layers + 1))
+        att = tuple(torch.softmax(torch.randn(B, H, L, L, generator=gen), -1).requires_grad_(requires_grad)
+                    for _ in range(layers))
+        return {"hidden_states": hs, "attentions": att,
+                "logits": torch.randn(B, 3, generator=gen).requires_grad_(requires_grad)}
+
+    return side(m, grad), side(n, False), torch.randint(0, 3, (B,), generator=gen)
+
+
+LOSSES = {"emd": {"mapping": "emd"}, "skip": {"mapping": "skip"},
+          "pred": {"use_attention": False, "use_hidden": False, "use_embedding": False}}
+
+
+def _loss_workload(gen, compile_backend, rounds: int, min_time: float) -> list[tuple]:
+    from bert_emd.nn import BertEMDLoss
+
+    s_out, t_out, labels = _loss_outputs(gen, M_LAYERS, N_LAYERS, True)
+    leaves = [t for v in s_out.values() for t in (v if isinstance(v, tuple) else (v,))]
+    d = HIDDEN[-1]
+    fns: dict = {}
+    for name, kw in LOSSES.items():
+        loss_fn = BertEMDLoss(M_LAYERS, N_LAYERS, d, d, attention_source="probs", beta=1.0, **kw)
+        params = [p for p in loss_fn.parameters() if p.requires_grad]
+
+        def step(fn=loss_fn, params=params):
+            loss, _ = fn(s_out, t_out, labels=labels)
+            return torch.autograd.grad(loss, leaves + params, allow_unused=True)
+
+        step()  # checked: every student output and the projection get a gradient
+        fns[(name, "fwd+bwd")] = step
+        if compile_backend:
+            torch._dynamo.reset()
+            compiled = torch.compile(lambda s, t, y, fn=loss_fn: fn(s, t, labels=y)[0], backend=compile_backend,
+                                     fullgraph=True)
+            ref = loss_fn(s_out, t_out, labels=labels)[0]
+            torch.testing.assert_close(compiled(s_out, t_out, labels), ref, rtol=1e-5, atol=1e-6)
+
+            def cstep(c=compiled, params=params):
+                return torch.autograd.grad(c(s_out, t_out, labels), leaves + params, allow_unused=True)
+
+            fns[(f"{name} compiled ({compile_backend})", "fwd+bwd")] = cstep
+    return _time_rounds(fns, rounds, min_time)
+
+
 def no_grad_call(fn, *args):
     with torch.no_grad():
         return fn(*args)
@@ -241,7 +297,7 @@ def _time_rounds(fns: dict, rounds: int, min_time: float) -> list[tuple]:
     return out
 
 
-OPS = ("layer_costs", "attention_costs", "emd")
+OPS = ("layer_costs", "attention_costs", "emd", "loss")
 
 
 def run(quick: bool, threads: int | None, compile_backend: str | None, out_dir: Path | None,
@@ -255,11 +311,14 @@ def run(quick: bool, threads: int | None, compile_backend: str | None, out_dir: 
         "layer_costs": f"M={M_LAYERS} N={N_LAYERS} [" + ",".join(map(str, HIDDEN)) + "] fp32",
         "attention_costs": f"M={M_LAYERS} N={N_LAYERS} Q,K [" + ",".join(map(str, ATTN)) + "] fp32 scores",
         "emd": f"{M_LAYERS}x{N_LAYERS} fp64, B=1",
+        "loss": f"BertEMDLoss M={M_LAYERS} N={N_LAYERS} [" + ",".join(map(str, HIDDEN)) + "] fp32 probs",
     }
     rows: list[dict] = []
     for op in ops:
         if op == "emd":
             timed = _emd_workload(gen, compile_backend, rounds, min_time)
+        elif op == "loss":
+            timed = _loss_workload(gen, compile_backend, rounds, min_time)
         else:
             timed = _cost_workload(op, gen, compile_backend, rounds, min_time)
         vec = {pas: t for p, pas, t, _ in timed if p == "vectorised torch"}
@@ -280,6 +339,11 @@ def run(quick: bool, threads: int | None, compile_backend: str | None, out_dir: 
                 "timer": TIMER,
             })
         print(f"{op}: " + ", ".join(f"{p} {pas} {t * 1e6:.1f} us" for p, pas, t, _ in timed), flush=True)
+        if op == "loss":  # the targets: emd within 1.5x of skip, at most 1.5 ms above pred
+            t = {p: v for p, _, v, _ in timed}
+            for suffix in ("", *(f" compiled ({compile_backend})",) * bool(compile_backend)):
+                emd, skip, pred = (t[k + suffix] for k in LOSSES)
+                print(f"loss{suffix}: emd / skip {emd / skip:.2f}x, emd - pred {(emd - pred) * 1e3:.2f} ms", flush=True)
     path = append_csv("overhead", rows, out_dir)
     print(f"rows appended to {path}")
     print(markdown_table(rows, ["op", "pass", "provider", "threads", "us", "x_vs_vectorised", "spread"]))
