@@ -42,21 +42,22 @@ _NORMALIZE = ("sum", "softmax", "double_softmax")
 
 
 def _inverse_cost_ratio(contribution: Tensor, weight: Tensor) -> Tensor:
-    """w_hat = sum(r) / r with r = contribution / weight; entries with r == 0 stay 0 (original)."""
+    """w_hat = sum(r) / r with r = contribution / weight, along the last dim ([..., K]: one row
+    per feature); entries with r == 0 stay 0 (original)."""
     r = contribution / weight
-    total = r.sum()
+    total = r.sum(-1, keepdim=True)
     nonzero = r != 0
-    w_hat = torch.where(nonzero, total / torch.where(nonzero, r, torch.ones_like(r)), torch.zeros_like(r))
+    w_hat = torch.where(nonzero, total / torch.where(nonzero, r, 1.0), 0.0)
     # float64 cannot overflow for fp32-sized costs, but keep a finite value whatever the input;
     # NaN (a NaN cost) stays NaN so that finalize() keeps the previous weights.
-    big = torch.finfo(w_hat.dtype).max / (4 * w_hat.numel())
+    big = torch.finfo(w_hat.dtype).max / (4 * w_hat.shape[-1])
     return torch.nan_to_num(w_hat, nan=float("nan"), posinf=big)
 
 
 def _sum_normalize(w: Tensor) -> Tensor:
-    s = w.sum()
+    s = w.sum(-1, keepdim=True)
     # All-zero w_hat (every layer at zero cost): leave zeros; the eps floor then makes it uniform.
-    return torch.where(s > 0, w / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(w))
+    return torch.where(s > 0, w / torch.where(s > 0, s, 1.0), 0.0)
 
 
 def _floor(w: Tensor, eps: float) -> Tensor:
@@ -152,12 +153,13 @@ class CostAttention(nn.Module):
         """The rule up to (not including) the outer step: w_hat, then ``sum``/``softmax(./T_emd)``.
 
         Args:
-            student_contribution: c^S [M] (see :meth:`contributions`).
-            teacher_contribution: c^T [N].
+            student_contribution: c^S [M] (see :meth:`contributions`), or [F, M]: one row per
+                feature (attention, hidden), each proposing from the same current weights.
+            teacher_contribution: c^T [N], or [F, N].
         Returns:
-            (student [M], teacher [N]) float64 proposals; nothing is stored.
+            (student [M] or [F, M], teacher [N] or [F, N]) float64 proposals; nothing is stored.
         """
-        ws = self.student_weight.double()
+        ws = self.student_weight.double()  # (a module .to(dtype) may have cast the buffers)
         wt = self.teacher_weight.double()
         ps = self._inner(_inverse_cost_ratio(student_contribution.to(ws), ws))
         pt = self._inner(_inverse_cost_ratio(teacher_contribution.to(wt), wt))

@@ -148,6 +148,12 @@ def make_projection(student_hidden_size: int, teacher_hidden_size: int, *, sync_
     return lin
 
 
+def frozen(t: Tensor) -> Tensor:
+    """``t`` without a gradient: detached if it has one (a teacher run outside ``no_grad``), else
+    ``t`` itself (a teacher's outputs usually have none; a detach is a dispatched op each)."""
+    return t.detach() if t.requires_grad else t
+
+
 def project(projection: nn.Module, h: Tensor) -> Tensor:
     """W h; half-precision states (a bf16 model run without autocast) meet W's float32 first."""
     weight = getattr(projection, "weight", None)
@@ -279,8 +285,12 @@ def update_layer_weights(weights: CostAttention, contributions: Sequence[tuple[T
     more features (attention, hidden): every feature proposes from the same current weights, the
     proposals are averaged, then the outer step (second softmax of double_softmax) and the floor
     (the original with ``--seperate False``)."""
-    props = [weights.propose(cs, ct) for cs, ct in contributions]
-    weights.finalize(torch.stack([p[0] for p in props]).mean(0), torch.stack([p[1] for p in props]).mean(0))
+    if len(contributions) == 1:
+        weights.finalize(*weights.propose(*contributions[0]))
+        return
+    # every feature's proposal in one pass: [F, M] and [F, N] (a step's host time is its op count)
+    ps, pt = weights.propose(torch.stack([c[0] for c in contributions]), torch.stack([c[1] for c in contributions]))
+    weights.finalize(ps.mean(0), pt.mean(0))
 
 
 # ----------------------------------------------------------------------------- the base module
@@ -391,7 +401,7 @@ class EMDTerms(nn.Module):
         post-softmax ``attentions``). Layer counts and the maps' shapes are checked."""
         if self.needs_hooks:
             qk_s = list(self._checked_qk(student_qk, "student", m, where))
-            qk_t = [(q.detach(), k.detach()) for q, k in self._checked_qk(teacher_qk, "teacher", n, where)]
+            qk_t = [(frozen(q), frozen(k)) for q, k in self._checked_qk(teacher_qk, "teacher", n, where)]
             if self.fused_attention:  # the shapes of the maps never formed, [B, H, L, L]
                 (q_s, _), (q_t, _) = qk_s[0], qk_t[0]
                 check_attention_shapes((*q_s.shape[:3], q_s.shape[2]), (*q_t.shape[:3], q_t.shape[2]), where)
@@ -399,22 +409,27 @@ class EMDTerms(nn.Module):
             a_s, a_t = scores_of(qk_s, attention_mask), scores_of(qk_t, attention_mask)
         else:
             a_s = list(attention_maps(student, "student", m, where))
-            a_t = [a.detach() for a in attention_maps(teacher, "teacher", n, where)]
+            a_t = [frozen(a) for a in attention_maps(teacher, "teacher", n, where)]
         check_attention_shapes(a_s[0].shape, a_t[0].shape, where)
         return a_s, a_t
 
     def hidden_inputs(
         self, student: Any, teacher: Any, m: int, n: int, projection: nn.Module, where: str = ""
-    ) -> tuple[Tensor | None, list[Tensor] | None, list[Tensor]]:
-        """(W e^S, [W h^S_1 .. W h^S_M], [e^T, h^T_1 .. h^T_N] detached): the student's embedding
-        output projected when ``use_embedding`` (else None), its layer outputs projected when
-        ``use_hidden`` (else None), and the teacher's hidden states, embeddings first."""
+    ) -> tuple[Tensor | None, Tensor | None, list[Tensor]]:
+        """(W e^S [B, L, d_T], W h^S_1..M stacked [M, B, L, d_T], [e^T, h^T_1 .. h^T_N] detached):
+        the student's embedding output projected when ``use_embedding`` (else None), its layer
+        outputs projected when ``use_hidden`` (else None), and the teacher's hidden states,
+        embeddings first."""
         hs_s = hidden_states(student, "student", m, where)
-        hs_t = [h.detach() for h in hidden_states(teacher, "teacher", n, where)]
+        hs_t = [frozen(h) for h in hidden_states(teacher, "teacher", n, where)]
         check_same_tokens(hs_s[0], hs_t[0], where)
-        emb = project(projection, hs_s[0]) if self.use_embedding else None
-        layers = [project(projection, h) for h in hs_s[1:]] if self.use_hidden else None
-        return emb, layers, hs_t
+        if not self.use_hidden:
+            return (project(projection, hs_s[0]) if self.use_embedding else None), None, hs_t
+        # one projection of the stacked states, not one per layer: a step's host time is its
+        # number of small ops (each Linear is a matmul and a bias forward, three ops backward)
+        first = 0 if self.use_embedding else 1
+        out = project(projection, torch.stack(hs_s[first:]))
+        return (out[0] if self.use_embedding else None), out[1 - first:], hs_t
 
     def prediction_term(
         self,
