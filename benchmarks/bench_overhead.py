@@ -247,7 +247,9 @@ def _loss_workload(gen, compile_backend, rounds: int, min_time: float) -> list[t
             torch._dynamo.reset()
             compiled = torch.compile(lambda s, t, y, fn=loss_fn: fn(s, t, labels=y)[0], backend=compile_backend,
                                      fullgraph=True)
+            state = {k: v.clone() for k, v in loss_fn.state_dict().items()}
             ref = loss_fn(s_out, t_out, labels=labels)[0]
+            loss_fn.load_state_dict(state)  # each forward updates the layer weights: the same start
             torch.testing.assert_close(compiled(s_out, t_out, labels), ref, rtol=1e-5, atol=1e-6)
 
             def cstep(c=compiled, params=params):
