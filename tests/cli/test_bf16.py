@@ -48,7 +48,7 @@ BF16 = ["--use_cpu", "True", "--bf16", "True"]
 STEPS = 30
 
 # one call of a spied op: (op, dtypes of its first argument, of its second (empty for emd), output dtype,
-# dims of the first tensor of the first argument)
+# dims of one layer: of the teacher's first tensor (the student's may come stacked, [M, ...]); emd: of the cost)
 Call = tuple[str, frozenset, frozenset, torch.dtype, int]
 
 
@@ -71,7 +71,8 @@ def spy_ops(monkeypatch: pytest.MonkeyPatch, module: Any, names: tuple[str, ...]
             out = real(first, second, *args, **kwargs)
             res = out if isinstance(out, torch.Tensor) else out.plan
             a, b = _flat(first), [] if name == "emd" else _flat(second)
-            calls.append((name, frozenset(t.dtype for t in a), frozenset(t.dtype for t in b), res.dtype, a[0].dim()))
+            calls.append((name, frozenset(t.dtype for t in a), frozenset(t.dtype for t in b), res.dtype,
+                          (b[0] if b else a[0]).dim()))
             return out
 
         return spy
