@@ -226,22 +226,35 @@ LOSSES = {"emd": {"mapping": "emd"}, "skip": {"mapping": "skip"},
           "pred": {"use_attention": False, "use_hidden": False, "use_embedding": False}}
 
 
-def _loss_workload(gen, compile_backend, rounds: int, min_time: float) -> list[tuple]:
+def loss_step(name: str, gen: torch.Generator):
+    """(step, loss_fn, outputs) of the ``loss`` workload for the loss ``name`` (a key of
+    :data:`LOSSES`): ``step()`` is one forward and backward (``autograd.grad`` w.r.t. the student's
+    outputs and the loss's parameters); ``outputs`` are ``(student, teacher, labels)``. The step
+    is checked once: the student's logits, and with ``emd`` / ``skip`` the projection, get a gradient."""
     from bert_emd.nn import BertEMDLoss
 
     s_out, t_out, labels = _loss_outputs(gen, M_LAYERS, N_LAYERS, True)
     leaves = [t for v in s_out.values() for t in (v if isinstance(v, tuple) else (v,))]
     d = HIDDEN[-1]
+    loss_fn = BertEMDLoss(M_LAYERS, N_LAYERS, d, d, attention_source="probs", beta=1.0, **LOSSES[name])
+    params = [p for p in loss_fn.parameters() if p.requires_grad]
+
+    def step(fn=None):
+        loss = (fn or (lambda s, t, y: loss_fn(s, t, labels=y)[0]))(s_out, t_out, labels)
+        return torch.autograd.grad(loss, leaves + params, allow_unused=True)
+
+    grads = step()
+    logits = next(i for i, t in enumerate(leaves) if t is s_out["logits"])
+    assert grads[logits] is not None, f"{name}: no gradient for the logits"
+    if name != "pred":
+        assert all(g is not None for g in grads[len(leaves):]), f"{name}: no gradient for the projection"
+    return step, loss_fn, (s_out, t_out, labels)
+
+
+def _loss_workload(gen, compile_backend, rounds: int, min_time: float) -> list[tuple]:
     fns: dict = {}
-    for name, kw in LOSSES.items():
-        loss_fn = BertEMDLoss(M_LAYERS, N_LAYERS, d, d, attention_source="probs", beta=1.0, **kw)
-        params = [p for p in loss_fn.parameters() if p.requires_grad]
-
-        def step(fn=loss_fn, params=params):
-            loss, _ = fn(s_out, t_out, labels=labels)
-            return torch.autograd.grad(loss, leaves + params, allow_unused=True)
-
-        step()  # checked: every student output and the projection get a gradient
+    for name in LOSSES:
+        step, loss_fn, (s_out, t_out, labels) = loss_step(name, gen)
         fns[(name, "fwd+bwd")] = step
         if compile_backend:
             torch._dynamo.reset()
@@ -251,11 +264,7 @@ def _loss_workload(gen, compile_backend, rounds: int, min_time: float) -> list[t
             ref = loss_fn(s_out, t_out, labels=labels)[0]
             loss_fn.load_state_dict(state)  # each forward updates the layer weights: the same start
             torch.testing.assert_close(compiled(s_out, t_out, labels), ref, rtol=1e-5, atol=1e-6)
-
-            def cstep(c=compiled, params=params):
-                return torch.autograd.grad(c(s_out, t_out, labels), leaves + params, allow_unused=True)
-
-            fns[(f"{name} compiled ({compile_backend})", "fwd+bwd")] = cstep
+            fns[(f"{name} compiled ({compile_backend})", "fwd+bwd")] = lambda step=step, c=compiled: step(c)
     return _time_rounds(fns, rounds, min_time)
 
 

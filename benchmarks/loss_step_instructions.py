@@ -39,19 +39,9 @@ def _child(loss: str, steps: int) -> None:
 
     sys.path.insert(0, str(HERE.parent))
     import bench_overhead as bo
-    from bert_emd.nn import BertEMDLoss
 
     torch.set_num_threads(1)
-    gen = torch.Generator().manual_seed(0)
-    m, n = bo.M_LAYERS, bo.N_LAYERS
-    s_out, t_out, labels = bo._loss_outputs(gen, m, n, True)
-    leaves = [t for v in s_out.values() for t in (v if isinstance(v, tuple) else (v,))]
-    d = bo.HIDDEN[-1]
-    loss_fn = BertEMDLoss(m, n, d, d, attention_source="probs", beta=1.0, **bo.LOSSES[loss])
-    params = [p for p in loss_fn.parameters() if p.requires_grad]
-
-    def step():
-        return torch.autograd.grad(loss_fn(s_out, t_out, labels=labels)[0], leaves + params, allow_unused=True)
+    step, _, _ = bo.loss_step(loss, torch.Generator().manual_seed(0))
 
     for _ in range(3):
         step()

@@ -35,6 +35,7 @@ reduction of broadcast gradients. In CI these run in the CUDA build's environmen
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -532,9 +533,15 @@ CHECKS = {
     "detector": _check_detector,
     "autograd": _check_autograd,
 }
-for _name in STEPS[1:]:
-    _kind, *_opts = _name.split(":")
-    CHECKS[_name] = (lambda k, o: lambda: (_check_loss_step if k == "loss_step" else _check_mtl_step)(*o))(_kind, _opts)
+
+
+def _check_step(name: str) -> dict:
+    """``loss_step:SOURCE:SAMPLE:ATTENTION`` or ``mtl_step:SOURCE:ATTENTION`` (see STEPS)."""
+    kind, *options = name.split(":")
+    return (_check_loss_step if kind == "loss_step" else _check_mtl_step)(*options)
+
+
+CHECKS.update({name: functools.partial(_check_step, name) for name in STEPS[1:]})
 
 
 if __name__ == "__main__":

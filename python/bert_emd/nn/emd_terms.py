@@ -427,9 +427,10 @@ class EMDTerms(nn.Module):
             return (project(projection, hs_s[0]) if self.use_embedding else None), None, hs_t
         # one projection of the stacked states, not one per layer: a step's host time is its
         # number of small ops (each Linear is a matmul and a bias forward, three ops backward)
-        first = 0 if self.use_embedding else 1
-        out = project(projection, torch.stack(hs_s[first:]))
-        return (out[0] if self.use_embedding else None), out[1 - first:], hs_t
+        if self.use_embedding:
+            out = project(projection, torch.stack(hs_s))
+            return out[0], out[1:], hs_t
+        return None, project(projection, torch.stack(hs_s[1:])), hs_t
 
     def prediction_term(
         self,
