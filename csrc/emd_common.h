@@ -3,6 +3,7 @@
 // batch shape to [B, M, N], and the error message for per-problem validation codes.
 #pragma once
 
+#include <ATen/EmptyTensor.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
@@ -124,16 +125,23 @@ inline std::vector<int64_t> emd_shape(const std::vector<int64_t>& batch, std::in
   return s;
 }
 
+// An uninitialised tensor on the device of `opts`; CPU tensors are made directly, without the
+// dispatcher's round trip of at::empty (five outputs a call, on the per-step B = 1 path).
+inline at::Tensor emd_empty(at::IntArrayRef shape, const at::TensorOptions& opts) {
+  if (opts.device().is_cpu()) return at::detail::empty_cpu(shape, opts.dtype().toScalarType(), false, std::nullopt);
+  return at::empty(shape, opts);
+}
+
 // The op's five outputs, allocated on the cost's device: value [...], plan [..., M, N], duals
 // [..., M] and [..., N], status [...] (int32).
 struct EmdOutputs {
   at::Tensor value, plan, u, v, status;
   EmdOutputs(const EmdArgs& args, const at::TensorOptions& opts)
-      : value(at::empty(args.batch, opts)),
-        plan(at::empty(emd_shape(args.batch, {args.M, args.N}), opts)),
-        u(at::empty(emd_shape(args.batch, {args.M}), opts)),
-        v(at::empty(emd_shape(args.batch, {args.N}), opts)),
-        status(at::empty(args.batch, opts.dtype(at::kInt))) {}
+      : value(emd_empty(args.batch, opts)),
+        plan(emd_empty(emd_shape(args.batch, {args.M, args.N}), opts)),
+        u(emd_empty(emd_shape(args.batch, {args.M}), opts)),
+        v(emd_empty(emd_shape(args.batch, {args.N}), opts)),
+        status(emd_empty(args.batch, opts.dtype(at::kInt))) {}
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> as_tuple() const {
     return {value, plan, u, v, status};
   }

@@ -41,6 +41,11 @@ TORCH_LIBRARY(bert_emd, m) {
   // Log-domain Sinkhorn, batched: (value, plan, u, v, status) as emd_exact.
   m.def("sinkhorn(Tensor cost, Tensor? a, Tensor? b, float reg, int max_iter, float tol) -> "
         "(Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The cost-attention rule of one step for F features sharing one pair of layer weights:
+  // plan, cost [F * B, M, N] (B problems a feature), weights [M], [N] -> new weights (float64).
+  // normalize: 0 sum, 1 softmax, 2 double_softmax.
+  m.def("cost_attention_step(Tensor plan, Tensor cost, Tensor student_weight, Tensor teacher_weight, "
+        "int features, int normalize, float temperature, float eps) -> (Tensor, Tensor)");
   m.def("build_info() -> str", &build_info);
 }
 

@@ -26,18 +26,23 @@ _OP_BACKENDS: dict[str, dict[str, tuple[str, ...]]] = {
     "layer_costs": {"cpu": ("cpu", "torch"), "cuda": ("triton", "torch")},
     "sinkhorn": {"cpu": ("cpu", "torch"), "cuda": ("triton", "torch")},
     "attention_costs": {"cpu": ("cpu", "torch"), "cuda": ("triton", "torch")},
+    "cost_attention": {"cpu": ("cpu", "torch"), "cuda": ("cuda", "torch")},
 }
 
 # Ops whose ``cpu`` backend is PyTorch code (no kernel in bert_emd._C to look for).
 _PYTHON_CPU_OPS = frozenset({"attention_costs"})
 
 # The TORCH_LIBRARY op whose CPU / CUDA kernels implement the "cpu" / "cuda" backends.
-_CPP_OPS = {"emd": "bert_emd::emd_exact", "layer_costs": "bert_emd::layer_costs_fwd", "sinkhorn": "bert_emd::sinkhorn"}
+_CPP_OPS = {"emd": "bert_emd::emd_exact", "layer_costs": "bert_emd::layer_costs_fwd", "sinkhorn": "bert_emd::sinkhorn",
+            "cost_attention": "bert_emd::cost_attention_step"}
 
 
 @functools.cache
 def _has_kernel_cached(opname: str, key: str) -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key(opname, key)
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(opname, key)
+    except RuntimeError:  # no such schema: an extension built before the op existed
+        return False
 
 
 def _has_kernel(opname: str, key: str) -> bool:
@@ -94,7 +99,7 @@ def unavailable_reason(op: str, backend: str, device_type: str) -> str | None:
     return None
 
 
-_SELECTED: dict[tuple[str, str, str, bool], str] = {}
+_SELECTED: dict[tuple[str, str, torch.device, bool], str] = {}
 
 
 def select(op: str, backend: str, device: torch.device) -> str:
@@ -102,7 +107,8 @@ def select(op: str, backend: str, device: torch.device) -> str:
 
     Successful resolutions are memoised (they depend only on what is built and, for an explicit
     ``"triton"`` only, on TRITON_INTERPRET), since this runs on every call of every op."""
-    key = (op, backend, device.type, backend == "triton" and triton_interpret())
+    # keyed by the device itself: reading ``device.type`` builds a string (a C++ stream) per call
+    key = (op, backend, device, backend == "triton" and triton_interpret())
     hit = _SELECTED.get(key)
     if hit is not None:
         return hit

@@ -45,7 +45,7 @@ import pytest
 import torch
 
 HERE = Path(__file__).resolve()
-SYNC_FREE = ["emd", "layer_costs", "attention_costs", "attention_live_spans"]
+SYNC_FREE = ["emd", "layer_costs", "attention_costs", "attention_live_spans", "cost_attention"]
 
 
 def _run(check: str) -> dict:
@@ -136,7 +136,8 @@ def test_no_sync_on_a_gpu():
 
 # ---------------------------------------------------------------------------------- the checks
 # (run in a subprocess: ``python tests/ops/test_no_host_sync.py <check>``)
-CUDA_BUILD_CHOICE = {"emd": "cuda", "layer_costs": "triton", "attention_costs": "triton", "sinkhorn": "triton"}
+CUDA_BUILD_CHOICE = {"emd": "cuda", "layer_costs": "triton", "attention_costs": "triton", "sinkhorn": "triton",
+                     "cost_attention": "cuda"}
 
 
 def _as_on_a_cuda_build() -> None:
@@ -524,12 +525,35 @@ def _check_mtl_step(source: str, attention: str) -> dict:
     return _record_step(build, step)
 
 
+def _check_cost_attention() -> dict:
+    """The layer-weight rule: the one-op kernel (its fake kernel here) and the tensor-op reference
+    (``backend="torch"``), for one feature, two stacked features and per-example plans. (Storing
+    the weights, ``CostAttention.step``, is walked by the whole-step checks: a CPU-only torch's
+    ``Tensor.copy_`` binding cannot take fake CUDA tensors.)"""
+    from bert_emd.ops.cost_attention import cost_attention_step
+
+    def run():
+        dev = torch.device("cuda")
+        M, N, B = 4, 12, 3
+        ws = torch.full((M,), 1 / M, dtype=torch.float64, device=dev)
+        wt = torch.full((N,), 1 / N, dtype=torch.float64, device=dev)
+        for backend in ("auto", "torch"):
+            for normalize in ("sum", "double_softmax"):
+                for features, shape in ((1, (M, N)), (2, (2, M, N)), (1, (B, M, N)), (2, (2 * B, M, N))):
+                    plan, cost = torch.rand(shape, device=dev), torch.rand(shape, device=dev)
+                    cost_attention_step(plan, cost, ws, wt, features=features, normalize=normalize,
+                                        backend=backend)
+
+    return _record(run)
+
+
 CHECKS = {
     "emd": lambda: _check_emd(False),
     "emd_validate": lambda: _check_emd(True),
     "layer_costs": _check_layer_costs,
     "attention_costs": _check_attention_costs,
     "attention_live_spans": _check_live_spans,
+    "cost_attention": _check_cost_attention,
     "detector": _check_detector,
     "autograd": _check_autograd,
 }

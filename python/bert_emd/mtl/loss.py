@@ -50,7 +50,6 @@ from ..nn.emd_terms import (
     make_projection,
     masked_mse,
     solve_plans,
-    update_layer_weights,
 )
 from .config import TaskSpec
 from .model import encoder_sizes
@@ -339,9 +338,10 @@ class MultiTaskEMDLoss(EMDTerms):
     @torch.no_grad()
     def _update(self, problems: list[tuple[int, str, str, Tensor]], plans: list[Tensor]) -> None:
         """Per task: proposals of all its problems in this step averaged, then the outer step."""
-        contributions: dict[str, list[tuple[Tensor, Tensor]]] = {}
+        steps: dict[str, tuple[list[Tensor], list[Tensor]]] = {}
         for (_, task, feature, _), plan in zip(problems, plans):
-            cost = self.last[task][f"{feature}_cost"]
-            contributions.setdefault(task, []).append(CostAttention.contributions(plan, cost))
-        for task, cs in contributions.items():
-            update_layer_weights(self.cost_attention[task], cs)
+            ps, cs = steps.setdefault(task, ([], []))
+            ps.append(plan)
+            cs.append(self.last[task][f"{feature}_cost"])
+        for task, (ps, cs) in steps.items():
+            self.cost_attention[task].step(ps, cs)  # the whole rule in one op

@@ -240,5 +240,8 @@ class BertEMDLoss(EMDTerms):
         # Shared pair: both features propose from the same current weights, the proposals are
         # averaged, then the outer step (second softmax of double_softmax) and the eps floor.
         assert self.layer_weights is not None
-        update_layer_weights(self.layer_weights,
-                             [layer.contributions(layer.last_plan, layer.last_cost) for layer in layers])
+        if any(layer.reduces_contributions for layer in layers):
+            update_layer_weights(self.layer_weights,
+                                 [layer.contributions(layer.last_plan, layer.last_cost) for layer in layers])
+        else:  # the whole rule in one op
+            self.layer_weights.step([layer.last_plan for layer in layers], [layer.last_cost for layer in layers])

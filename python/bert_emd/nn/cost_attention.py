@@ -25,44 +25,27 @@ followed by a normalisation (``normalize``):
 Then, unlike the original, weights are floored at ``eps`` and renormalised, so a layer whose cost
 is zero (r = 0, w_hat = 0, w = 0 under ``"sum"``) never gives 0/0 = NaN on the next step; a step
 with a non-finite cost leaves the weights as they were.
-Everything runs as tensor ops on the weights' device (no ``.item()``, no host round trip).
+A step's update runs as one op, ``bert_emd::cost_attention_step`` (:mod:`bert_emd.ops.cost_attention`:
+C++ on the CPU, one CUDA thread on a GPU; the tensor-op rule of
+:mod:`bert_emd.reference.cost_attention` elsewhere), on the weights' device: no ``.item()``, no
+host round trip.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
+from ..ops.cost_attention import cost_attention_step
+from ..reference import cost_attention as _rule
+
 __all__ = ["CostAttention", "Normalize"]
 
 Normalize = Literal["sum", "softmax", "double_softmax"]
 _NORMALIZE = ("sum", "softmax", "double_softmax")
-
-
-def _inverse_cost_ratio(contribution: Tensor, weight: Tensor) -> Tensor:
-    """w_hat = sum(r) / r with r = contribution / weight, along the last dim ([..., K]: one row
-    per feature); entries with r == 0 stay 0 (original)."""
-    r = contribution / weight
-    total = r.sum(-1, keepdim=True)
-    nonzero = r != 0
-    w_hat = torch.where(nonzero, total / torch.where(nonzero, r, 1.0), 0.0)
-    # float64 cannot overflow for fp32-sized costs, but keep a finite value whatever the input;
-    # NaN (a NaN cost) stays NaN so that finalize() keeps the previous weights.
-    big = torch.finfo(w_hat.dtype).max / (4 * w_hat.shape[-1])
-    return torch.nan_to_num(w_hat, nan=float("nan"), posinf=big)
-
-
-def _sum_normalize(w: Tensor) -> Tensor:
-    s = w.sum(-1, keepdim=True)
-    # All-zero w_hat (every layer at zero cost): leave zeros; the eps floor then makes it uniform.
-    return torch.where(s > 0, w / torch.where(s > 0, s, 1.0), 0.0)
-
-
-def _floor(w: Tensor, eps: float) -> Tensor:
-    w = w.clamp_min(eps)
-    return w / w.sum()
 
 
 class CostAttention(nn.Module):
@@ -131,22 +114,8 @@ class CostAttention(nn.Module):
         ``plan`` and ``cost`` are [..., M, N]; leading (per-example) dims are averaged, which is
         the batch-mean contribution used by ``per_sample`` mode. Computed in float64.
         """
-        if plan.shape != cost.shape or plan.dim() < 2:
-            raise ValueError(
-                f"plan and cost must both be [..., M, N] with the same shape, got {tuple(plan.shape)} "
-                f"and {tuple(cost.shape)}"
-            )
-        fd = plan.detach().double() * cost.detach().double()
-        cs, ct = fd.sum(-1), fd.sum(-2)
-        if fd.dim() > 2:
-            cs = cs.reshape(-1, cs.shape[-1]).mean(0)
-            ct = ct.reshape(-1, ct.shape[-1]).mean(0)
-        return cs, ct
-
-    def _inner(self, w_hat: Tensor) -> Tensor:
-        if self.normalize == "sum":
-            return _sum_normalize(w_hat)
-        return torch.softmax(w_hat / self.temperature, dim=-1)
+        _check_pair(plan, cost)
+        return _rule.contributions(plan, cost)
 
     @torch.no_grad()
     def propose(self, student_contribution: Tensor, teacher_contribution: Tensor) -> tuple[Tensor, Tensor]:
@@ -159,11 +128,8 @@ class CostAttention(nn.Module):
         Returns:
             (student [M] or [F, M], teacher [N] or [F, N]) float64 proposals; nothing is stored.
         """
-        ws = self.student_weight.double()  # (a module .to(dtype) may have cast the buffers)
-        wt = self.teacher_weight.double()
-        ps = self._inner(_inverse_cost_ratio(student_contribution.to(ws), ws))
-        pt = self._inner(_inverse_cost_ratio(teacher_contribution.to(wt), wt))
-        return ps, pt
+        return _rule.propose(student_contribution, teacher_contribution, self.student_weight, self.teacher_weight,
+                             self.normalize, self.temperature)
 
     @torch.no_grad()
     def finalize(self, student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
@@ -172,15 +138,34 @@ class CostAttention(nn.Module):
         A non-finite proposal (a NaN or Inf cost, e.g. a step that fp16 loss scaling skips)
         leaves both weight vectors unchanged, decided on the device (no host synchronisation).
         """
-        if self.normalize == "double_softmax":
-            student = torch.softmax(student, dim=-1)
-            teacher = torch.softmax(teacher, dim=-1)
-        student = _floor(student.double(), self.eps)
-        teacher = _floor(teacher.double(), self.eps)
-        ok = torch.isfinite(student).all() & torch.isfinite(teacher).all()
-        self.student_weight.copy_(torch.where(ok, student, self.student_weight))
-        self.teacher_weight.copy_(torch.where(ok, teacher, self.teacher_weight))
-        return self.student_weight, self.teacher_weight
+        return self._store(*_rule.finalize(student, teacher, self.student_weight, self.teacher_weight,
+                                           self.normalize, self.eps))
+
+    @torch.no_grad()
+    def step(self, plans: Sequence[Tensor], costs: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        """The whole rule for one step of one or more features (attention, hidden) that share
+        these weights, in one op: every feature proposes from the current weights, the proposals
+        are averaged, then the outer step; stored and returned.
+
+        Args:
+            plans: a flow F per feature, [M, N] or [B, M, N] (B problems: their mean contribution),
+                all of one shape.
+            costs: the costs D solved for, one per plan, same shapes.
+        Returns:
+            (student_weight [M], teacher_weight [N]), the updated buffers.
+        """
+        if len(plans) != len(costs) or not plans:
+            raise ValueError(f"step needs one cost per plan (at least one), got {len(plans)} plans and "
+                             f"{len(costs)} costs")
+        for p, c in zip(plans, costs):
+            _check_pair(p, c)
+            if p.shape != plans[0].shape:
+                raise ValueError(f"every feature's plan must have one shape, got {tuple(plans[0].shape)} and "
+                                 f"{tuple(p.shape)}")
+        plan, cost = (plans[0], costs[0]) if len(plans) == 1 else (torch.stack(list(plans)), torch.stack(list(costs)))
+        return self._store(*cost_attention_step(
+            plan, cost, self.student_weight, self.teacher_weight, features=len(plans),
+            normalize=self.normalize, temperature=self.temperature, eps=self.eps))
 
     @torch.no_grad()
     def update(self, plan: Tensor, cost: Tensor) -> tuple[Tensor, Tensor]:
@@ -192,4 +177,17 @@ class CostAttention(nn.Module):
         Returns:
             (student_weight [M], teacher_weight [N]), the updated buffers.
         """
-        return self.finalize(*self.propose(*self.contributions(plan, cost)))
+        return self.step([plan], [cost])
+
+    def _store(self, student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
+        self.student_weight.copy_(student)
+        self.teacher_weight.copy_(teacher)
+        return self.student_weight, self.teacher_weight
+
+
+def _check_pair(plan: Tensor, cost: Tensor) -> None:
+    if plan.shape != cost.shape or plan.dim() < 2:
+        raise ValueError(
+            f"plan and cost must both be [..., M, N] with the same shape, got {tuple(plan.shape)} "
+            f"and {tuple(cost.shape)}"
+        )

@@ -287,12 +287,21 @@ class LayerEMDLoss(nn.Module):
         cost = self.last_cost if cost is None else cost
         if plan is None or cost is None:
             raise RuntimeError("update() needs a plan and a cost: call forward/transport first")
-        update_layer_weights(w, [self.contributions(plan, cost)])
+        if self.reduces_contributions:
+            update_layer_weights(w, [self.contributions(plan, cost)])
+        else:  # the whole rule in one op
+            w.step([plan], [cost])
+
+    @property
+    def reduces_contributions(self) -> bool:
+        """The weight update averages the contributions over ranks (distributed ``per_sample``):
+        the rule then runs from :meth:`contributions`, not in one op from the plan and cost."""
+        return self.per_sample and world_size() > 1
 
     def contributions(self, plan: Tensor, cost: Tensor) -> tuple[Tensor, Tensor]:
         """c^S [M], c^T [N] for the weight update; identical on every rank."""
         cs, ct = CostAttention.contributions(plan, cost)
-        if self.per_sample and world_size() > 1:
+        if self.reduces_contributions:
             # Per-example problems differ across ranks: average what the rule consumes instead.
             both = all_reduce_mean(torch.cat([cs, ct]))
             cs, ct = both[: cs.shape[0]], both[cs.shape[0] :]

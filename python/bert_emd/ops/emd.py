@@ -166,12 +166,11 @@ def emd(
     if a is not None or b is not None:
         _check_weight_devices(cost, a, b)
     if method == "exact":
-        if cost.dim() < 2:
-            raise ValueError(
-                f"emd: cost must have shape [..., M, N] (at least 2 dims), got shape {list(cost.shape)}"
-            )
+        shape = cost.shape
+        if len(shape) < 2:
+            raise ValueError(f"emd: cost must have shape [..., M, N] (at least 2 dims), got shape {list(shape)}")
         if max_iter is None:
-            max_iter = default_max_iter(cost.shape[-2], cost.shape[-1])
+            max_iter = 10_000 + 100 * (shape[-2] + shape[-1])  # default_max_iter, inlined: every call's path
         elif max_iter < 0:
             raise ValueError(f"emd: max_iter must be >= 0, got {max_iter}")
         name = _backends.select("emd", backend, cost.device)
@@ -184,25 +183,27 @@ def emd(
                 return _emd_on_cpu(cost, a, b, max_iter, validate,
                                    "bert_emd._C has no CUDA kernels (built without nvcc; rebuild with CUDA for the "
                                    "GPU kernel)")
-        op = _exact_op(name)
+        op = _EXACT_OPS.get(name) or _exact_op(name)
         args = (cost, a, b, int(max_iter), bool(validate))
         fast = eager(cost)
-        if torch.is_grad_enabled() and (cost.requires_grad or _any_requires_grad(cost, a, b)):
+        if torch.is_grad_enabled() and _any_requires_grad(cost, a, b):
             # eager: the autograd rule around the kernel called directly (the registered
             # autograd kernel is Python, several times the cost of a small solve)
-            value, plan, u, v, status = EagerTransport.apply(op, name, *args) if fast else op(*args)
+            out = EagerTransport.apply(op, name, *args) if fast else op(*args)
         elif fast:
             # No input needs a gradient: skip the Python autograd kernel (~8 us a call, which
             # matters on the per-step B = 1 path) and go straight to the device kernel.
-            value, plan, u, v, status = call_below_autograd(op, name, *args)
+            out = call_below_autograd(op, name, *args)
         elif torch.compiler.is_compiling():
-            value, plan, u, v, status = op(*args)
+            out = op(*args)
         else:  # a mode or a tensor subclass: the op as registered, below autograd
             with torch._C._AutoDispatchBelowAutograd():
-                value, plan, u, v, status = op(*args)
+                out = op(*args)
+        status = out[4]
         if validate and not (fast and status.numel() == 1 and not status.item()):  # (one problem, solved: done)
             _check_status(status, cost, a, b, max_iter)
-        return EMDResult(value, plan, u, v, status)
+        # eager: tuple.__new__ directly (the NamedTuple's generated __new__ is a Python frame)
+        return tuple.__new__(EMDResult, out) if fast else EMDResult(*out)
     if method == "sinkhorn":
         from .sinkhorn import sinkhorn_dispatch
 
