@@ -120,3 +120,22 @@ def test_fake_kernel_shapes():
         s, t = torch.ops.bert_emd.cost_attention_step(plan, cost, torch.empty(5), torch.empty(7, dtype=torch.float64),
                                                       2, 2, 1.0, 1e-6)
         assert s.shape == (5,) and t.shape == (7,) and s.dtype == t.dtype == torch.float64
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("normalize", RULES)
+def test_cuda_kernel_equals_reference(normalize):
+    """The one-thread CUDA kernel: the same core as the CPU kernel, checked on a GPU, without a
+    host sync."""
+    if _backends.unavailable_reason("cost_attention", "cuda", "cuda") is not None:
+        pytest.skip("bert_emd._C without the CUDA cost_attention_step kernel")
+    plan, cost, ws, wt = (x.cuda() for x in _problem(2, 3, 5, 13))
+    cost_attention_step(plan, cost, ws, wt, features=2, normalize=normalize, backend="cuda")  # warm-up
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        s, t = cost_attention_step(plan, cost, ws, wt, features=2, normalize=normalize, backend="cuda")
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    rs, rt = cost_attention_step_reference(plan.cpu(), cost.cpu(), ws.cpu(), wt.cpu(), 2, normalize, 1.0, 1e-6)
+    torch.testing.assert_close(s.cpu(), rs, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(t.cpu(), rt, rtol=1e-12, atol=1e-15)
