@@ -141,6 +141,27 @@ def test_validation():
         CostAttention(2, 3, temperature=0.0)
     with pytest.raises(ValueError, match="same shape"):
         CostAttention(2, 3).update(torch.rand(2, 3), torch.rand(3, 2))
+    with pytest.raises(ValueError, match="one cost per plan"):
+        CostAttention(2, 3).step([torch.rand(2, 3)], [])
+    with pytest.raises(ValueError, match="one shape"):
+        CostAttention(2, 3).step([torch.rand(2, 3), torch.rand(4, 2, 3)], [torch.rand(2, 3), torch.rand(4, 2, 3)])
+
+
+@pytest.mark.parametrize("normalize", RULES)
+def test_step_of_two_features_is_the_shared_rule(normalize):
+    """step() (one op) equals the rule written out: both features propose from the same weights,
+    the proposals are averaged, then the outer step (the shared-weights update)."""
+    g = torch.Generator().manual_seed(3)
+    plans = [torch.rand(4, 12, generator=g) for _ in range(2)]
+    costs = [torch.rand(4, 12, generator=g) for _ in range(2)]
+    a, b = CostAttention(4, 12, normalize=normalize), CostAttention(4, 12, normalize=normalize)
+    for _ in range(3):
+        a.step(plans, costs)
+        cs = [CostAttention.contributions(p, c) for p, c in zip(plans, costs)]
+        ps, pt = b.propose(torch.stack([c[0] for c in cs]), torch.stack([c[1] for c in cs]))
+        b.finalize(ps.mean(0), pt.mean(0))
+        torch.testing.assert_close(a.student_weight, b.student_weight, rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(a.teacher_weight, b.teacher_weight, rtol=1e-12, atol=1e-15)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
